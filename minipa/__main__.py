@@ -1,0 +1,3 @@
+from minipa.cli import main
+
+raise SystemExit(main())

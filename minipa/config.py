@@ -1,0 +1,72 @@
+"""Reading the JSON configs that diffusers and transformers write, into minipa's dataclasses.
+
+Every model has a small config dataclass (`UNetConfig`, `VAEConfig`, …) with `sd15()`-style
+constructors. `config_from_dict` fills one from a `config.json` and refuses what minipa cannot
+honour: a field set to a value we do not implement is an error that names the field, the value
+found and the values supported, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A config file that is missing, unreadable or asks for something minipa does not support."""
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """Read a JSON object from `path`; `what` names the file's role in error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: expected a JSON file at {path}, but there is no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{what}: {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def config_from_dict(
+    cls: type,
+    data: Mapping[str, Any],
+    *,
+    family: str,
+    source: str | Path = "<dict>",
+    fixed: Mapping[str, tuple] = {},
+    renames: Mapping[str, str] = {},
+):
+    """Build dataclass `cls` from a diffusers/transformers config mapping.
+
+    - keys starting with "_" (`_class_name`, `_diffusers_version`, …) are bookkeeping and skipped;
+    - `renames` maps a file key to a dataclass field when the names differ;
+    - `fixed` lists settings minipa does not implement: each is accepted only with one of the
+      listed values (the ones that switch the feature off), anything else is an error;
+    - any other key that is not a dataclass field is an error, so nothing is silently ignored.
+    Fields missing from the file keep the dataclass defaults.
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values, problems = {}, []
+    for key, value in data.items():
+        if key.startswith("_"):
+            continue
+        name = renames.get(key, key)
+        if name in fields:
+            values[name] = tuple(value) if isinstance(value, list) else value
+        elif key in fixed:
+            if value not in fixed[key]:
+                allowed = " or ".join(repr(v) for v in fixed[key])
+                problems.append(f"{key}={value!r} is not supported (minipa supports {allowed})")
+        else:
+            problems.append(f"{key}={value!r} is not a setting of {family}")
+    if problems:
+        raise ConfigError(f"{source}: this config is not one minipa can build as {family}:\n  - " + "\n  - ".join(problems))
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: invalid {family} config: {err}") from None
