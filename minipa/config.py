@@ -40,6 +40,7 @@ def config_from_dict(
     source: str | Path = "<dict>",
     fixed: Mapping[str, tuple] = {},
     renames: Mapping[str, str] = {},
+    ignored: tuple[str, ...] = (),
 ):
     """Build dataclass `cls` from a diffusers/transformers config mapping.
 
@@ -47,13 +48,14 @@ def config_from_dict(
     - `renames` maps a file key to a dataclass field when the names differ;
     - `fixed` lists settings minipa does not implement: each is accepted only with one of the
       listed values (the ones that switch the feature off), anything else is an error;
+    - `ignored` lists settings that only tune a feature that is switched off (accepted, no effect);
     - any other key that is not a dataclass field is an error, so nothing is silently ignored.
     Fields missing from the file keep the dataclass defaults.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
     values, problems = {}, []
     for key, value in data.items():
-        if key.startswith("_"):
+        if key.startswith("_") or key in ignored:
             continue
         name = renames.get(key, key)
         if name in fields:

@@ -1,0 +1,19 @@
+"""Choosing a sampler by name and loading its schedule from a diffusers `scheduler_config.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minipa.ddim import DDIMScheduler
+from minipa.ddpm import DDPMScheduler, NoiseSchedule, ScheduleConfig
+
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def make_scheduler(name: str = "ddim", config: ScheduleConfig | str | Path | None = None) -> NoiseSchedule:
+    """A fresh sampler `name` ("ddim" or "ddpm") over `config` (a ScheduleConfig, a JSON path, or SD 1.5's)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(map(repr, SCHEDULERS))}")
+    if isinstance(config, (str, Path)):
+        config = ScheduleConfig.from_json(config)
+    return SCHEDULERS[name](config)

@@ -1,0 +1,143 @@
+"""The noise schedule, seed eq. 1 (add_noise, loss) and the DDPM sampler, against diffusers."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler as RefDDPM
+
+from minipa.config import ConfigError
+from minipa.ddpm import DDPMScheduler, ScheduleConfig, add_noise, diffusion_loss, make_betas, velocity
+
+SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False)
+
+
+def reference(prediction_type="epsilon", **overrides):
+    return RefDDPM(**{**SD15, "prediction_type": prediction_type, **overrides})
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
+def test_betas_and_alphas_cumprod_equal_diffusers(schedule):
+    ref = RefDDPM(beta_schedule=schedule, beta_start=0.0001, beta_end=0.02)
+    ours = DDPMScheduler(ScheduleConfig(beta_schedule=schedule, beta_start=0.0001, beta_end=0.02))
+    assert torch.equal(ours.betas, ref.betas)
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+
+
+def test_add_noise_equals_diffusers_and_seed_eq1():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    ref = reference()
+    ours = DDPMScheduler()
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), rtol=0, atol=1e-6)
+    abar = ours.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(add_noise(x0, eps, t, ours.alphas_cumprod), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+
+
+def test_velocity_equals_diffusers():
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([1, 400, 998])
+    ref = reference("v_prediction")
+    torch.testing.assert_close(velocity(x0, eps, t, DDPMScheduler().alphas_cumprod), ref.get_velocity(x0, eps, t), rtol=0, atol=1e-6)
+
+
+def test_loss_is_mean_squared_noise_error():
+    eps = torch.randn(2, 4, 8, 8)
+    assert diffusion_loss(eps, eps) == 0
+    assert torch.isclose(diffusion_loss(eps + 0.5, eps), torch.tensor(0.25))
+    assert torch.isclose(diffusion_loss(eps, eps), torch.nn.functional.mse_loss(eps, eps))
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_timesteps_equal_diffusers(spacing):
+    ours, ref = DDPMScheduler(ScheduleConfig(timestep_spacing=spacing)), reference(timestep_spacing=spacing)
+    for n in list(range(1, 60)) + [77, 100, 250, 333, 500, 999, 1000]:
+        ours.set_timesteps(n)
+        ref.set_timesteps(n)
+        assert torch.equal(ours.timesteps, ref.timesteps), (spacing, n)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_steps_equal_diffusers(prediction_type):
+    ours = DDPMScheduler(ScheduleConfig(prediction_type=prediction_type))
+    ref = reference(prediction_type)
+    ours.set_timesteps(25)
+    ref.set_timesteps(25)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    for t in ours.timesteps:
+        out = torch.randn(2, 4, 8, 8, generator=g)
+        a = ours.step(out, t, x, generator=torch.Generator().manual_seed(int(t)))
+        b = ref.step(out, t, x, generator=torch.Generator().manual_seed(int(t)))
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=0, atol=1e-6)
+
+
+def test_config_reads_sd15_scheduler_json(tmp_path):
+    # SD 1.5 ships a PNDM config; its schedule is the DDIM/DDPM one
+    sd15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+            "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+            "clip_sample": False}
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps(sd15))
+    assert ScheduleConfig.from_json(path) == ScheduleConfig.sd15()
+
+
+def test_config_round_trips_through_diffusers_save(tmp_path):
+    reference(timestep_spacing="trailing").save_config(tmp_path)
+    config = ScheduleConfig.from_json(tmp_path / "scheduler_config.json")
+    assert config.timestep_spacing == "trailing" and config.beta_schedule == "scaled_linear"
+
+
+@pytest.mark.parametrize(
+    "setting, words",
+    [
+        ({"beta_schedule": "squaredcos_cap_v2"}, ["beta_schedule", "squaredcos_cap_v2", "scaled_linear"]),
+        ({"prediction_type": "sample"}, ["prediction_type", "'sample'", "epsilon"]),
+        ({"timestep_spacing": "karras"}, ["timestep_spacing", "leading"]),
+        ({"thresholding": True}, ["thresholding", "False"]),
+        ({"trained_betas": [0.1, 0.2]}, ["trained_betas", "None"]),
+        ({"use_karras_sigmas": True}, ["use_karras_sigmas"]),
+    ],
+)
+def test_unsupported_config_names_the_key(tmp_path, setting, words):
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({"beta_schedule": "scaled_linear", **setting}))
+    with pytest.raises(ConfigError) as err:
+        ScheduleConfig.from_json(path)
+    for word in words + [str(path)]:
+        assert word in str(err.value)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        ScheduleConfig.from_json(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ScheduleConfig.from_json(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("n", [0, -1, 1001, 2.5, "10", True])
+def test_bad_step_counts(n):
+    with pytest.raises(ValueError, match="num_steps must be an integer from 1 to"):
+        DDPMScheduler().set_timesteps(n)
+
+
+def test_step_before_set_timesteps_and_outside_schedule():
+    s = DDPMScheduler()
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(x, 10, x)
+    s.set_timesteps(10)
+    for t in (-1, 1000, 5000):
+        with pytest.raises(ValueError, match="outside the training schedule"):
+            s.step(x, t, x)
+
+
+def test_make_betas_is_monotone_and_in_range():
+    betas = make_betas(ScheduleConfig())
+    assert betas.shape == (1000,) and betas.dtype == torch.float32
+    assert torch.all(betas[1:] > betas[:-1]) and 0 < betas[0] < betas[-1] < 1
