@@ -13,6 +13,7 @@ The recipe, for every model:
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -63,12 +64,15 @@ class Checkpoint:
 
     def _open_pickle(self):
         try:
-            loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap keeps tensors on disk until used; only the zip format (torch.save since 1.6) allows it
+            mmap = zipfile.is_zipfile(self.path)
+            loaded = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
+            culprit = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
             raise WeightsError(
                 f"{self.path}: refused to unpickle this file: it contains objects other than tensors, and "
-                f"loading them could run code. minipa only loads pickles with torch.load(weights_only=True). "
-                f"Prefer a .safetensors file. (torch said: {str(err).splitlines()[0]})"
+                f"loading them could run code. minipa only loads pickles with torch.load(weights_only=True); "
+                f"prefer a .safetensors file." + (f" ({culprit[0]})" if culprit else "")
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise WeightsError(f"{self.path}: not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from None
