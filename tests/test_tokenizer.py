@@ -1,0 +1,174 @@
+"""The CLIP tokenizer gives the same ids and masks as transformers' CLIPTokenizer (what diffusers calls),
+on the real CLIP vocabulary, laid out as SD 1.5's `tokenizer/` folder."""
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipa.tokenizer import CLIPTokenizer, TokenizerError, load_tokenizer, vocab_from_bpe_gz
+
+BPE_GZ = Path(__file__).resolve().parents[1] / "weights" / "bpe_simple_vocab_16e6.txt.gz"
+
+# SD 1.5's tokenizer/tokenizer_config.json and special_tokens_map.json (as shipped on the Hub).
+_SPECIAL = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+SD15_TOKENIZER_CONFIG = {
+    "add_prefix_space": False,
+    "bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", **_SPECIAL},
+    "do_lower_case": True,
+    "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", **_SPECIAL},
+    "errors": "replace",
+    "model_max_length": 77,
+    "name_or_path": "openai/clip-vit-large-patch14",
+    "pad_token": "<|endoftext|>",
+    "special_tokens_map_file": "./special_tokens_map.json",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", **_SPECIAL},
+}
+SD15_SPECIAL_TOKENS_MAP = {
+    "bos_token": {"content": "<|startoftext|>", **_SPECIAL},
+    "eos_token": {"content": "<|endoftext|>", **_SPECIAL},
+    "pad_token": "<|endoftext|>",
+    "unk_token": {"content": "<|endoftext|>", **_SPECIAL},
+}
+
+
+@pytest.fixture(scope="module")
+def sd_tokenizer_dir(tmp_path_factory):
+    """vocab.json + merges.txt converted from CLIP's .gz by minipa, plus SD 1.5's two config files."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    CLIPTokenizer.from_bpe_gz(BPE_GZ).save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(SD15_TOKENIZER_CONFIG))
+    (folder / "special_tokens_map.json").write_text(json.dumps(SD15_SPECIAL_TOKENS_MAP))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ours(sd_tokenizer_dir):
+    return load_tokenizer(sd_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(sd_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.CLIPTokenizer.from_pretrained(sd_tokenizer_dir)
+
+
+WORDS = (
+    "a photo of an astronaut riding horse on mars cat dog portrait landscape painting by greg rutkowski "
+    "trending artstation highly detailed 8k octane render cinematic lighting bokeh sunset over the ocean "
+    "watercolor sketch anime girl with long hair cyberpunk city at night neon lights ultra realistic "
+    "don't it's we're they've i'm you'll she'd rock'n'roll o'clock DSLR HDR 4K RAW f/1.8 35mm"
+).split()
+ODD = [
+    "café", "naïve", "Ångström", "façade", "jalapeño", "Straße", "ΟΔΟΣ", "İstanbul", "Œuvre", "ǅemal",
+    "東京タワー", "北京", "한국어", "русский", "العربية", "हिन्दी", "ไทย", "😀", "🐶🐱", "👩‍🚀", "🇫🇷", "❤️",
+    "½", "²", "Ⅻ", "٣", "１２３", "ＡＢＣ", "e\u0301", "A\u030a", "x\u200by", "\u00a0", "\u3000", "\x1c", "\x85",
+    "—", "…", "«quoted»", "“smart”", "‘single’", "$100", "50%", "#hashtag", "@user", "a+b=c", "C++",
+    "(masterpiece:1.2)", "[best quality]", "{x|y}", "<lora:foo:0.7>", "http://example.com/a?b=c&d=e",
+    "&amp;", "&lt;b&gt;", "it''s", "''", "'", "'s", "'S", "'LL", "rock 'n' roll", "'twas", "y'all", "!!!",
+    "?!?", "...", "--", "__init__", "snake_case", "CamelCase", "ALLCAPS", "tab\there", "new\nline",
+    "<|endoftext|>", "<|startoftext|>", "<|ENDOFTEXT|>", "<|endoftext", "end<|endoftext|>more",
+]
+
+
+def make_corpus(n=1200, seed=0):
+    """≥ 1,000 varied prompts: plain, punctuated, accented, emoji, spaced, empty and over-long."""
+    rng = random.Random(seed)
+    corpus = ["", " ", "   ", "\t\n", "a", "A", "1", "2024", "3.14159", "I", "ok."]
+    while len(corpus) < n:
+        k = rng.randrange(6)
+        length = rng.choice([1, 2, 4, 8, 16, 40, 90])
+        parts = [rng.choice(WORDS if rng.random() < 0.6 else ODD) for _ in range(length)]
+        if k == 0:  # plain
+            text = " ".join(parts)
+        elif k == 1:  # glued punctuation and digits
+            text = "".join(p + rng.choice([",", ".", "!", "?", ";", ":", "-", "'", '"', "", str(rng.randrange(1000))]) for p in parts)
+        elif k == 2:  # repeated and odd whitespace
+            text = "".join(p + rng.choice([" ", "  ", "    ", "\t", "\n", " \u00a0 ", "\u3000"]) for p in parts)
+        elif k == 3:  # mixed case
+            text = " ".join(p.upper() if rng.random() < 0.5 else p.title() for p in parts)
+        elif k == 4:  # random unicode characters from a few blocks
+            blocks = [(0x20, 0x7F), (0xA0, 0x250), (0x370, 0x400), (0x4E00, 0x4E80), (0x1F300, 0x1F650), (0x2000, 0x2070)]
+            text = "".join(chr(rng.randrange(*rng.choice(blocks))) for _ in range(length * 3))
+        else:  # a long prompt, well over 77 tokens
+            text = ", ".join(rng.choice(WORDS) for _ in range(rng.randrange(40, 120)))
+        corpus.append(text)
+    return corpus
+
+
+CORPUS = make_corpus()
+
+
+def test_vocabulary_from_gz_has_sd_layout(sd_tokenizer_dir):
+    vocab, merges = vocab_from_bpe_gz(BPE_GZ)
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256 and vocab["".join(merges[0])] == 512
+    lines = (sd_tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "#version: 0.2" and len(lines) == 1 + 48894
+
+
+def test_ids_and_masks_equal_transformers_on_corpus(ours, reference):
+    assert len(CORPUS) >= 1000
+    assert sum(len(reference(t).input_ids) > 77 for t in CORPUS) >= 100  # many prompts need truncation
+    expected = reference(CORPUS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = ours.tokenize(CORPUS)
+    assert got.input_ids.shape == (len(CORPUS), 77)
+    wrong = [t for t, a, b in zip(CORPUS, got.input_ids, expected["input_ids"]) if not torch.equal(a, b)]
+    assert wrong == [], f"{len(wrong)} prompts differ, first: {wrong[:3]!r}"
+    assert torch.equal(got.attention_mask, expected["attention_mask"])
+
+
+def test_unpadded_encode_equals_transformers(ours, reference):
+    for text in CORPUS[:400]:
+        assert ours.encode(text) == reference(text, add_special_tokens=False).input_ids, text
+
+
+def test_call_returns_ids_padded_with_endoftext(ours):
+    ids = ours(["a photo of a cat", ""])
+    assert ids.dtype == torch.long and ids.shape == (2, 77)
+    assert ids[1, 0] == 49406 and (ids[1, 1:] == 49407).all()
+    assert ours.decode(ids[0]) == "a photo of a cat"
+
+
+def test_long_prompt_is_truncated_with_a_warning_counting_dropped_tokens(ours):
+    text = " ".join(["cat"] * 80)  # 80 tokens + start + end
+    with pytest.warns(UserWarning, match=r"last 5 tokens were dropped"):
+        ids = ours(text)
+    assert ids[0, -1] == 49407 and ids[0, -2] == ours.vocab["cat</w>"]
+
+
+def test_bpe_gz_and_folder_give_the_same_tokenizer(ours):
+    direct = load_tokenizer(BPE_GZ)
+    assert direct.vocab == ours.vocab and direct.ranks == ours.ranks
+
+
+def test_missing_vocab_file_is_a_clear_error(tmp_path, sd_tokenizer_dir):
+    (tmp_path / "merges.txt").write_text((sd_tokenizer_dir / "merges.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="missing vocab.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(TokenizerError, match="no such"):
+        load_tokenizer(tmp_path / "nowhere")
+    with pytest.raises(TokenizerError, match="bpe_simple_vocab"):
+        CLIPTokenizer.from_bpe_gz(tmp_path / "missing.txt.gz")
+
+
+def test_corrupt_tokenizer_files_are_clear_errors(tmp_path):
+    (tmp_path / "vocab.json").write_text("[1, 2]")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(TokenizerError, match="JSON object"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
+    with pytest.raises(TokenizerError, match="two symbols"):
+        load_tokenizer(tmp_path)
+    gz = tmp_path / "bpe.txt.gz"
+    gz.write_bytes(b"not gzip")
+    with pytest.raises(TokenizerError, match="gzip"):
+        load_tokenizer(gz)
