@@ -6,3 +6,180 @@ test proves each table covers every key of the full-size models.
 """
 
 from __future__ import annotations
+
+
+# ─── UNet: original LDM single-file checkpoint ↔ diffusers / minipa ─────────────────────────────
+#
+# LDM numbers the encoder as one flat list `input_blocks.{i}` and the decoder as `output_blocks.{i}`;
+# diffusers groups them by resolution level. With L = layers_per_block (2 in SD 1.x):
+#   input_blocks.0.0                      ↔ conv_in
+#   input_blocks.{1 + b(L+1) + l}.0 / .1  ↔ down_blocks.{b}.resnets.{l} / .attentions.{l}    (l < L)
+#   input_blocks.{1 + b(L+1) + L}.0.op    ↔ down_blocks.{b}.downsamplers.0.conv
+#   middle_block.0 / .1 / .2              ↔ mid_block.resnets.0 / .attentions.0 / .resnets.1
+#   output_blocks.{b(L+1) + l}.0 / .1     ↔ up_blocks.{b}.resnets.{l} / .attentions.{l}      (l ≤ L)
+#   output_blocks.{b(L+1) + L}.{1|2}.conv ↔ up_blocks.{b}.upsamplers.0.conv  (.1 without attention, .2 with)
+# Inside a transformer (attention) the names are the same in both formats; inside a resnet they are
+# renamed by `_LDM_RESNET_PARTS`.
+
+LDM_UNET_PREFIX = "model.diffusion_model."
+
+_LDM_RESNET_PARTS = {  # LDM ResBlock ↔ diffusers ResnetBlock2D
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_LDM_UNET_TOP = {  # whole-model layers outside the blocks
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
+_LDM_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
+_LDM_SLOTS = {"0": "resnets", "1": "attentions"}  # inside input/output_blocks.{i}: the resnet, then the attention
+
+
+def _swap_prefix(key: str, table: dict[str, str]) -> str | None:
+    """Replace the longest table entry that `key` starts with (at a dot boundary); None if none does."""
+    for old in sorted(table, key=len, reverse=True):
+        if key == old or key.startswith(old + "."):
+            return table[old] + key[len(old):]
+    return None
+
+
+def _ldm_unet_key_to_diffusers(key: str, layers_per_block: int) -> str | None:
+    """One LDM UNet key (prefix removed) → its diffusers name, or None if no rule applies."""
+    top = _swap_prefix(key, _LDM_UNET_TOP)
+    if top is not None:
+        return top
+    parts = key.split(".")
+    if parts[0] == "middle_block" and len(parts) > 2 and parts[1] in _LDM_MIDDLE:
+        return _block_part(f"mid_block.{_LDM_MIDDLE[parts[1]]}", ".".join(parts[2:]))
+    if len(parts) < 4 or not parts[1].isdigit():
+        return None
+    group, i, part, rest = parts[0], int(parts[1]), parts[2], ".".join(parts[3:])
+    per_level = layers_per_block + 1
+    if group == "input_blocks" and i > 0:
+        b, l = divmod(i - 1, per_level)
+        if l == layers_per_block:  # the last slot of a level holds its downsampler
+            return f"down_blocks.{b}.downsamplers.0.conv.{rest[3:]}" if part == "0" and rest.startswith("op.") else None
+        return _block_part(f"down_blocks.{b}.{_LDM_SLOTS[part]}.{l}", rest) if part in _LDM_SLOTS else None
+    if group == "output_blocks":
+        b, l = divmod(i, per_level)
+        if rest.startswith("conv.") and part in ("1", "2"):  # an Upsample: `.1` after a resnet, `.2` after an attention
+            return f"up_blocks.{b}.upsamplers.0.{rest}" if l == layers_per_block else None
+        return _block_part(f"up_blocks.{b}.{_LDM_SLOTS[part]}.{l}", rest) if part in _LDM_SLOTS else None
+    return None
+
+
+def _block_part(name: str, rest: str) -> str | None:
+    """`name` (a resnet or attention inside a block) + the rest of the key, renaming resnet parts."""
+    if ".resnets." in name:
+        rest = _swap_prefix(rest, _LDM_RESNET_PARTS)
+    return None if rest is None else f"{name}.{rest}"
+
+
+def ldm_unet_names(
+    file_keys, layers_per_block: int = 2, prefix: str = LDM_UNET_PREFIX
+) -> tuple[dict[str, str], list[str]]:
+    """Place the UNet keys of an LDM single-file checkpoint.
+
+    Returns (names, unmatched): names maps each diffusers/minipa parameter name to its file key;
+    unmatched lists the UNet keys (those under `prefix`) no rule could place. Keys outside `prefix`
+    (the VAE, the text encoder, EMA copies, schedule buffers) belong to other models and are skipped.
+    """
+    names, unmatched = {}, []
+    for file_key in file_keys:
+        if not file_key.startswith(prefix):
+            continue
+        name = _ldm_unet_key_to_diffusers(file_key[len(prefix):], layers_per_block)
+        if name is None or name in names:
+            unmatched.append(file_key)
+        else:
+            names[name] = file_key
+    return names, unmatched
+
+
+def ldm_unet_keys(names, layers_per_block: int = 2, prefix: str = LDM_UNET_PREFIX) -> dict[str, str]:
+    """The inverse rule: diffusers/minipa UNet parameter names → LDM file keys (used to write LDM files).
+
+    Whether an up block has attentions (which moves its upsampler from slot `.1` to `.2`) is read off `names`.
+    """
+    names = list(names)
+    with_attention = {n.split(".")[1] for n in names if n.startswith("up_blocks.") and ".attentions." in n}
+    top, middle, resnet_parts = ({new: old for old, new in t.items()} for t in (_LDM_UNET_TOP, _LDM_MIDDLE, _LDM_RESNET_PARTS))
+    per_level = layers_per_block + 1
+
+    def block_and_rest(name: str) -> tuple[str, str]:
+        group, *p = name.split(".")
+        if group == "mid_block":
+            return f"middle_block.{middle[p[0] + '.' + p[1]]}", ".".join(p[2:])
+        b, kind, j, rest = int(p[0]), p[1], int(p[2]), ".".join(p[3:])
+        if group == "down_blocks" and kind == "downsamplers":  # conv.weight → op.weight
+            return f"input_blocks.{1 + b * per_level + layers_per_block}.0.op", rest.removeprefix("conv.")
+        if group == "up_blocks" and kind == "upsamplers":
+            return f"output_blocks.{b * per_level + layers_per_block}.{2 if p[0] in with_attention else 1}", rest
+        slot = {v: k for k, v in _LDM_SLOTS.items()}[kind]
+        if group == "down_blocks":
+            return f"input_blocks.{1 + b * per_level + j}.{slot}", rest
+        if group == "up_blocks":
+            return f"output_blocks.{b * per_level + j}.{slot}", rest
+        raise ValueError(f"{name!r} is not an SD UNet parameter name")
+
+    out = {}
+    for name in names:
+        key = _swap_prefix(name, top)
+        if key is None:
+            block, rest = block_and_rest(name)
+            if ".resnets." in name:
+                rest = _swap_prefix(rest, resnet_parts)
+            key = f"{block}.{rest}"
+        out[name] = prefix + key
+    return out
+
+
+# ─── What is this file? A guess for error messages ─────────────────────────────────────────────
+
+
+def describe_checkpoint(shapes: dict[str, tuple]) -> str:
+    """Guess which model a checkpoint holds from its key names and shapes, for `load_weights(describe=…)`.
+
+    Returns a short phrase such as "an SDXL UNet (has add_embedding)"; it is a hint, not a verdict.
+    """
+    keys = list(shapes)
+    if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
+        unet = {k[len(LDM_UNET_PREFIX):]: v for k, v in shapes.items() if k.startswith(LDM_UNET_PREFIX)}
+        names, _ = ldm_unet_names(unet, prefix="")
+        inner = _describe_unet({name: unet[key] for name, key in names.items()}, has_extra="label_emb.0.0.weight" in unet)
+        return f"an LDM single-file checkpoint (model.diffusion_model.*) holding {inner}"
+    if "conv_in.weight" in shapes and any(k.startswith("down_blocks.") for k in keys):
+        if any(k.startswith("encoder.") for k in keys) or any(k.startswith("decoder.") for k in keys):
+            return "an SD VAE (encoder/decoder)"
+        return _describe_unet(shapes, has_extra=any(k.startswith("add_embedding.") for k in keys))
+    if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "first_stage_model.")) for k in keys):
+        return "an SD VAE (encoder/decoder)"
+    if any(k.startswith(("text_model.", "cond_stage_model.")) for k in keys):
+        return "a CLIP text encoder"
+    if any(k.startswith("vision_model.") for k in keys):
+        return "a CLIP vision (image) encoder"
+    if any(k.startswith(("image_proj.", "ip_adapter.")) or "to_k_ip" in k for k in keys):
+        return "an IP-Adapter"
+    sample = ", ".join(keys[:3]) or "no tensors at all"
+    return f"not a model minipa recognises ({len(keys)} tensors, e.g. {sample})"
+
+
+def _describe_unet(shapes: dict[str, tuple], has_extra: bool) -> str:
+    """Tell the UNets apart: SDXL (extra embedding), SD 2.x (1024-wide text), inpainting (9 input channels), SD 1.x."""
+    if has_extra:
+        return "an SDXL UNet (has add_embedding)"
+    widths = sorted({shape[1] for k, shape in shapes.items() if k.endswith("attn2.to_k.weight")})
+    in_channels = shapes["conv_in.weight"][1] if "conv_in.weight" in shapes else None
+    if widths == [1024]:
+        return "an SD 2.x UNet (cross-attention width 1024)"
+    if in_channels == 9:
+        return "an inpainting UNet (9 input channels)"
+    width = shapes["conv_in.weight"][0] if "conv_in.weight" in shapes else "?"
+    return f"an SD 1.x-style UNet ({in_channels} input channels, {width} channels at the first level, cross-attention width {', '.join(map(str, widths)) or '?'})"

@@ -1,0 +1,305 @@
+"""The SD 1.5 UNet: ε_θ(x_t, c, t), the noise predictor of seed eq. 1, conditioned on text c by cross-attention.
+
+Reading order: `UNetConfig` → the three block kinds (down, mid, up) → `UNet2DConditionModel` → `load_unet`.
+
+    x_t (B,4,h,w) ─ conv_in ─ down level 0 ─ level 1 ─ level 2 ─ level 3 ─ mid ─ up level 0 ─ … ─ up level 3 ─ conv_out ─ ε (B,4,h,w)
+                                  │            │          │         │              ▲                    ▲
+                                  └────────────┴──────────┴─────────┴─ skips ──────┴────────────────────┘
+Every resnet sees the timestep embedding; every attention level sees the text tokens (and, with
+IP-Adapter, image tokens). Module names mirror diffusers, so a diffusers checkpoint loads by identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import keymap
+from .config import config_from_dict, read_json
+from .embeddings import TimestepEmbedding, timestep_embedding
+from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from .transformer import Transformer2DModel
+from .weights import Checkpoint, WeightsError, load_weights
+
+# ─── Config ─────────────────────────────────────────────────────────────────────────────────────
+
+DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# diffusers settings minipa does not implement: accepted only with the value that switches them off.
+UNSUPPORTED = {
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None,),
+    "downsample_padding": (1,),
+    "mid_block_scale_factor": (1,),
+    "dropout": (0.0,),
+    "act_fn": ("silu",),
+    "transformer_layers_per_block": (1,),
+    "reverse_transformer_layers_per_block": (None,),
+    "num_attention_heads": (None,),  # SD 1.x gives the head count as `attention_head_dim` (legacy naming)
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "dual_cross_attention": (False,),
+    "use_linear_projection": (False,),  # SD 2.x uses Linear proj_in/proj_out
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "class_embeddings_concat": (False,),
+    "projection_class_embeddings_input_dim": (None,),
+    "addition_embed_type": (None,),  # SDXL: "text_time"
+    "addition_time_embed_dim": (None,),
+    "addition_embed_type_num_heads": (64,),
+    "upcast_attention": (False,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of an SD 1.x UNet; field names are those of diffusers' `unet/config.json`."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    sample_size: int = 64  # latent side the model was trained at (512 px / 8); informative only
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    layers_per_block: int = 2
+    attention_head_dim: int | tuple[int, ...] = 8  # legacy diffusers naming: the number of heads per level
+    cross_attention_dim: int = 768  # width of the text tokens (CLIP ViT-L/14: 768)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        for field, types, allowed in (("down_block_types", self.down_block_types, DOWN_TYPES), ("up_block_types", self.up_block_types, UP_TYPES)):
+            if len(types) != levels:
+                raise ValueError(f"{field} has {len(types)} entries but block_out_channels has {levels}")
+            if any(t not in allowed for t in types):
+                raise ValueError(f"{field}={types} is not supported (each must be one of {allowed})")
+        if not isinstance(self.attention_head_dim, int) and len(self.attention_head_dim) != levels:
+            raise ValueError(f"attention_head_dim={self.attention_head_dim} needs one entry per level ({levels})")
+        for ch, heads in zip(self.block_out_channels, self.heads):
+            if ch % self.norm_num_groups or ch % heads:
+                raise ValueError(f"block_out_channels entry {ch} is not divisible by norm_num_groups={self.norm_num_groups} and {heads} heads")
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """Attention heads at each level (down order)."""
+        if isinstance(self.attention_head_dim, int):
+            return (self.attention_head_dim,) * len(self.block_out_channels)
+        return tuple(self.attention_head_dim)
+
+    @classmethod
+    def sd15(cls) -> UNetConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls, **changes) -> UNetConfig:
+        """SD 1.5's layout at toy width: the model of the tiny world and of the parity tests."""
+        base = cls(block_out_channels=(32, 64, 64, 64), attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8, sample_size=16)
+        return dataclasses.replace(base, **changes)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> UNetConfig:
+        """Read a diffusers `unet/config.json`; settings minipa does not implement raise ConfigError naming them."""
+        data = read_json(path, "UNet config")
+        return config_from_dict(cls, data, family="an SD 1.x UNet", source=path, fixed=UNSUPPORTED)
+
+
+# ─── Blocks ─────────────────────────────────────────────────────────────────────────────────────
+
+
+class DownBlock(nn.Module):
+    """One encoder level: `layers` × (ResnetBlock2D [→ Transformer2DModel]), then a stride-2 Downsample2D.
+
+    With attention this is diffusers' CrossAttnDownBlock2D, without it DownBlock2D. Every intermediate
+    result is kept as a skip connection for the matching up level.
+    """
+
+    def __init__(self, in_ch, out_ch, temb_ch, layers, heads, context_dim, groups, eps, attention: bool, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps) for i in range(layers)])
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, context_dim, groups) for _ in range(layers)]) if attention else None
+        self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
+
+    def forward(self, h, temb, context, image_tokens, skips: list):
+        """h: (B, C_in, H, W) → (B, C_out, H/2, W/2); appends each intermediate h to `skips`."""
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, temb)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context, image_tokens)
+            skips.append(h)
+        if self.downsamplers is not None:
+            h = self.downsamplers[0](h)
+            skips.append(h)
+        return h
+
+
+class MidBlock(nn.Module):
+    """The bottleneck (diffusers' UNetMidBlock2DCrossAttn): resnet → attention → resnet at the lowest resolution."""
+
+    def __init__(self, ch, temb_ch, heads, context_dim, groups, eps):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(ch, ch, temb_ch, groups, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(ch, heads, context_dim, groups)])
+
+    def forward(self, h, temb, context, image_tokens):
+        h = self.resnets[0](h, temb)
+        h = self.attentions[0](h, context, image_tokens)
+        return self.resnets[1](h, temb)
+
+
+class UpBlock(nn.Module):
+    """One decoder level: (layers+1) × (concat a skip → ResnetBlock2D [→ Transformer2DModel]), then Upsample2D.
+
+    With attention this is diffusers' CrossAttnUpBlock2D, without it UpBlock2D. The skips are consumed
+    last-in first-out, so each level meets the encoder features of its own resolution.
+    """
+
+    def __init__(self, prev_ch, out_ch, skip_ch, temb_ch, layers, heads, context_dim, groups, eps, attention: bool, upsample: bool):
+        super().__init__()
+        # resnet i takes [h, skip]: h is prev_ch wide for the first, out_ch after; the last skip comes from the level below
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock2D((prev_ch if i == 0 else out_ch) + (skip_ch if i == layers else out_ch), out_ch, temb_ch, groups, eps)
+                for i in range(layers + 1)
+            ]
+        )
+        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, context_dim, groups) for _ in range(layers + 1)]) if attention else None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
+
+    def forward(self, h, temb, context, image_tokens, skips: list):
+        """h: (B, C_prev, H, W) → (B, C_out, 2H, 2W); pops one skip per resnet from `skips`."""
+        for i, resnet in enumerate(self.resnets):
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, H, W)
+            h = resnet(h, temb)
+            if self.attentions is not None:
+                h = self.attentions[i](h, context, image_tokens)
+        if self.upsamplers is not None:
+            h = self.upsamplers[0](h, size=skips[-1].shape[-2:])  # the size of the next skip (odd sizes included)
+        return h
+
+
+# ─── The model ──────────────────────────────────────────────────────────────────────────────────
+
+
+class UNet2DConditionModel(nn.Module):
+    """ε_θ(x_t, c, t): predicts the noise in latent x_t at timestep t, given text tokens c (seed eq. 1)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        ch, heads, n = config.block_out_channels, config.heads, len(config.block_out_channels)
+        temb_ch = 4 * ch[0]
+        common = dict(layers=config.layers_per_block, context_dim=config.cross_attention_dim, groups=config.norm_num_groups, eps=config.norm_eps)
+
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
+        self.down_blocks = nn.ModuleList(
+            [
+                DownBlock(ch[max(i - 1, 0)], ch[i], temb_ch, heads=heads[i], attention=kind == "CrossAttnDownBlock2D", downsample=i < n - 1, **common)
+                for i, kind in enumerate(config.down_block_types)
+            ]
+        )
+        self.mid_block = MidBlock(ch[-1], temb_ch, heads[-1], config.cross_attention_dim, config.norm_num_groups, config.norm_eps)
+        up_ch, up_heads = ch[::-1], heads[::-1]  # the decoder walks the levels back up
+        self.up_blocks = nn.ModuleList(
+            [
+                UpBlock(
+                    prev_ch=up_ch[max(i - 1, 0)], out_ch=up_ch[i], skip_ch=up_ch[min(i + 1, n - 1)], temb_ch=temb_ch,
+                    heads=up_heads[i], attention=kind == "CrossAttnUpBlock2D", upsample=i < n - 1, **common,
+                )
+                for i, kind in enumerate(config.up_block_types)
+            ]
+        )
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, ch[0], eps=config.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], config.out_channels, kernel_size=3, padding=1)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        encoder_hidden_states: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """sample: x_t (B, C_in, H, W); timestep: a number, a 0-d tensor or (B,); encoder_hidden_states:
+        text tokens (B, L, cross_attention_dim); image_tokens: IP-Adapter tokens (B, N, cross_attention_dim)
+        or None. Returns ε (B, C_out, H, W)."""
+        t = self._timesteps(timestep, sample)
+        t_code = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift)
+        temb = self.time_embedding(t_code.to(sample.dtype))  # (B, 4·C₀)
+        context = encoder_hidden_states
+
+        h = self.conv_in(sample)  # (B, C₀, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            h = block(h, temb, context, image_tokens, skips)  # each level halves H, W (except the last)
+        h = self.mid_block(h, temb, context, image_tokens)  # (B, C₃, H/8, W/8)
+        for block in self.up_blocks:
+            h = block(h, temb, context, image_tokens, skips)  # each level doubles H, W (except the last)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, C_out, H, W)
+
+    @staticmethod
+    def _timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
+        """A number, 0-d tensor, (1,) or (B,) tensor → a (B,) tensor on the sample's device."""
+        batch = sample.shape[0]
+        t = torch.as_tensor(timestep, device=sample.device)
+        if t.ndim == 0 or t.shape == (1,):
+            return t.reshape(1).expand(batch)
+        if t.shape != (batch,):
+            raise ValueError(f"timestep must be a number, a 0-d tensor or shaped (B,)=({batch},); got shape {tuple(t.shape)}")
+        return t
+
+
+# ─── Loading ────────────────────────────────────────────────────────────────────────────────────
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def load_unet(path: str | Path, *, config: UNetConfig | None = None, dtype: torch.dtype | None = None, device="cpu") -> UNet2DConditionModel:
+    """Load a UNet from a diffusers `unet/` folder or an original LDM single file (.safetensors / .ckpt).
+
+    A folder brings its own config.json; a single file carries none, so `config` defaults to SD 1.5's.
+    The model is built on `meta` (no memory), then each tensor of the file becomes its parameter.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = config or UNetConfig.from_json(path / "config.json")
+        found = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+        if not found:
+            raise WeightsError(f"{path}: UNet folder has no weights file; expected {' or '.join(WEIGHT_FILES)}")
+        checkpoint = Checkpoint(found[0])
+        names, unmatched = {k: k for k in checkpoint.keys()}, []  # diffusers names are minipa's names
+    else:
+        config = config or UNetConfig.sd15()
+        checkpoint = Checkpoint(path)
+        if any(k.startswith(keymap.LDM_UNET_PREFIX) for k in checkpoint.keys()):
+            names, unmatched = keymap.ldm_unet_names(checkpoint.keys(), config.layers_per_block)
+        else:  # a lone diffusers-named file
+            names, unmatched = {k: k for k in checkpoint.keys()}, []
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel(config)
+    family = f"an SD 1.x UNet (in_channels={config.in_channels}, cross_attention_dim={config.cross_attention_dim}, block_out_channels={config.block_out_channels})"
+    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device, describe=keymap.describe_checkpoint)
+    return model.eval()
