@@ -161,10 +161,10 @@ def describe_checkpoint(shapes: dict[str, tuple]) -> str:
         return _describe_unet(shapes, has_extra=any(k.startswith("add_embedding.") for k in keys))
     if any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "first_stage_model.")) for k in keys):
         return "an SD VAE (encoder/decoder)"
-    if any(k.startswith(("text_model.", "cond_stage_model.")) for k in keys):
-        return "a CLIP text encoder"
+    if any(k.startswith(("text_model.", "cond_stage_model.", "embeddings.token_embedding.")) for k in keys):
+        return "a CLIP text encoder" + _clip_size(shapes, "embeddings.token_embedding.weight", ".self_attn.q_proj.weight")
     if any(k.startswith("vision_model.") for k in keys):
-        return "a CLIP vision (image) encoder"
+        return "a CLIP vision (image) encoder" + _clip_size(shapes, "embeddings.class_embedding", ".self_attn.q_proj.weight")
     if any(k.startswith(("image_proj.", "ip_adapter.")) or "to_k_ip" in k for k in keys):
         return "an IP-Adapter"
     sample = ", ".join(keys[:3]) or "no tensors at all"
@@ -183,3 +183,59 @@ def _describe_unet(shapes: dict[str, tuple], has_extra: bool) -> str:
         return "an inpainting UNet (9 input channels)"
     width = shapes["conv_in.weight"][0] if "conv_in.weight" in shapes else "?"
     return f"an SD 1.x-style UNet ({in_channels} input channels, {width} channels at the first level, cross-attention width {', '.join(map(str, widths)) or '?'})"
+
+
+# ─── CLIP text and vision encoders ↔ transformers / LDM ─────────────────────────────────────────
+#
+# minipa's CLIP modules carry transformers' names, so the rules are prefixes only:
+#   text_model.X                              (transformers 4 files, SD 1.5's text_encoder/)  ↔ text_model.X
+#   X = embeddings.* | encoder.* | final_layer_norm.*   (transformers 5 saves CLIPTextModel flat) ↔ text_model.X
+#   cond_stage_model.transformer.text_model.X (LDM single file)                              ↔ text_model.X
+#   vision_model.X, visual_projection.X       (CLIPVisionModelWithProjection)                ↔ the same
+# `position_ids` is a constant (0, 1, 2, …) that older transformers saved as a buffer; minipa
+# computes it in forward, so that file key is skipped by name (and only that one).
+
+LDM_TEXT_PREFIX = "cond_stage_model.transformer."
+_CLIP_TEXT_FLAT = ("embeddings.", "encoder.", "final_layer_norm.")
+_CLIP_SKIPPED_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+
+
+def clip_text_names(file_keys) -> tuple[dict[str, str], list[str]]:
+    """Place the keys of a CLIP text-encoder file (transformers 4/5 or LDM single file).
+
+    Returns (names: minipa parameter → file key, unmatched file keys). In an LDM file only the
+    keys under `cond_stage_model.transformer.` are the text encoder's; the rest are skipped.
+    """
+    file_keys = list(file_keys)
+    ldm = any(k.startswith(LDM_TEXT_PREFIX) for k in file_keys)
+    names, unmatched = {}, []
+    for key in file_keys:
+        if ldm and not key.startswith(LDM_TEXT_PREFIX):
+            continue  # the UNet, VAE, … of a single-file checkpoint
+        name = key[len(LDM_TEXT_PREFIX):] if ldm else key
+        if name.startswith(_CLIP_TEXT_FLAT):
+            name = "text_model." + name
+        if name in _CLIP_SKIPPED_BUFFERS:
+            continue
+        if name in names:
+            unmatched.append(key)  # the same parameter twice (e.g. with and without the prefix)
+        else:
+            names[name] = key
+    return names, unmatched
+
+
+def clip_text_ldm_keys(names) -> dict[str, str]:
+    """The inverse rule, minipa → LDM single-file names (used to write LDM files)."""
+    return {name: LDM_TEXT_PREFIX + name for name in names}
+
+
+def clip_vision_names(file_keys) -> tuple[dict[str, str], list[str]]:
+    """Place the keys of a transformers CLIPVisionModelWithProjection file (identity, minus position_ids)."""
+    return {key: key for key in file_keys if key not in _CLIP_SKIPPED_BUFFERS}, []
+
+
+def _clip_size(shapes: dict[str, tuple], width_key: str, layer_key: str) -> str:
+    """" (hidden 1280, 32 layers)" for a CLIP tower, read off the shapes (for describe_checkpoint)."""
+    width = next((shape[-1] for k, shape in shapes.items() if k.endswith(width_key)), "?")
+    layers = len({k for k in shapes if k.endswith(layer_key)})
+    return f" (hidden {width}, {layers} layers)"

@@ -1,0 +1,337 @@
+"""CLIP's two transformers: the text tower SD 1.5 is conditioned on, and the image tower IP-Adapter reads.
+
+Both are the same pre-LayerNorm transformer encoder (`CLIPEncoderLayer` below):
+    h = h + SelfAttention(LayerNorm₁(h))
+    h = h + MLP(LayerNorm₂(h)),   MLP = fc2(act(fc1(·)))
+- text (ViT-L/14's text tower, SD 1.5): token + position embeddings → 12 layers with a *causal*
+  mask (token i sees tokens ≤ i) and quick_gelu → `final_layer_norm`. SD uses every position
+  of that last hidden state, (B, 77, 768), as the UNet's cross-attention context (seed §3.1).
+- vision (OpenCLIP ViT-H/14, IP-Adapter SD 1.5): 14×14 patches → a class token in front →
+  position embeddings → `pre_layrnorm` → 32 layers, no mask, gelu → `post_layernorm` on the
+  class token → `visual_projection` = the global image embedding (B, 1024) of seed §3.2.1.
+  IP-Adapter Plus reads the penultimate hidden state instead, so all hidden states are returned.
+
+Parameter names are transformers' own, so a transformers checkpoint loads by identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import keymap
+from .attention import attention
+from .config import ConfigError, config_from_dict, read_json
+from .weights import Checkpoint, WeightsError, load_weights
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's cheap GELU approximation
+    "gelu": F.gelu,  # exact: x·Φ(x) (OpenCLIP ViT-H)
+}
+# Keys of a transformers CLIP config.json that do not change inference, accepted and not used:
+IGNORED_CONFIG_KEYS = {
+    "architectures": "bookkeeping",
+    "transformers_version": "bookkeeping",
+    "torch_dtype": "the dtype comes from the weights file or the `dtype=` argument",
+    "dtype": "the dtype comes from the weights file or the `dtype=` argument",
+    "initializer_range": "random initialisation, for training from scratch",
+    "initializer_factor": "random initialisation, for training from scratch",
+    "dropout": "training only",
+    "attention_dropout": "training only",
+    "bos_token_id": "a tokenizer fact",
+    "pad_token_id": "a tokenizer fact",
+}
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    eos_token_id: int = 2  # SD 1.5's file says 2, the legacy value: pool at the highest id (<|endoftext|>)
+    projection_dim: int = 768  # used only by CLIPTextModelWithProjection; kept so configs round-trip
+
+    def __post_init__(self):
+        _check_act(self.hidden_act)
+
+    @classmethod
+    def sd15(cls) -> "CLIPTextConfig":
+        """OpenAI CLIP ViT-L/14's text tower, as in SD 1.5's `text_encoder/`."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "CLIPTextConfig":
+        """Same vocabulary and context, a small transformer: for tests and the tiny world."""
+        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+
+
+@dataclass
+class CLIPVisionConfig:
+    hidden_size: int = 1280
+    intermediate_size: int = 5120
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    projection_dim: int = 1024
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _check_act(self.hidden_act)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+
+    @property
+    def num_positions(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + 1  # the patches + the class token (257 for ViT-H/14)
+
+    @classmethod
+    def vit_h14(cls) -> "CLIPVisionConfig":
+        """OpenCLIP ViT-H/14 (LAION-2B), the image encoder of ip-adapter_sd15."""
+        return cls()
+
+    @classmethod
+    def vit_l14(cls) -> "CLIPVisionConfig":
+        """OpenAI CLIP ViT-L/14's image tower (hidden 1024, 24 layers, quick_gelu, projection 768)."""
+        return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, projection_dim=768, hidden_act="quick_gelu")
+
+    @classmethod
+    def tiny(cls) -> "CLIPVisionConfig":
+        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+
+
+def _check_act(act: str):
+    if act not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported (minipa implements {' and '.join(ACTIVATIONS)})")
+
+
+# ─── The shared transformer layer ────────────────────────────────────────────────────────────────
+
+
+class CLIPAttention(nn.Module):
+    """Multi-head self-attention with transformers' names (q_proj, k_proj, v_proj, out_proj)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, L, D) → (B, L, D); mask: bool (L, L), True = may attend."""
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = attention(q, k, v, mask=mask)  # Softmax(QKᵀ/√d)V: (B, heads, L, d)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, L, D)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), ACTIVATIONS[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_dim: int, act: str, eps: float):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = CLIPAttention(dim, heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = CLIPMLP(dim, mlp_dim, act)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.layer_norm1(h), mask)  # pre-LayerNorm residual attention
+        return h + self.mlp(self.layer_norm2(h))  # pre-LayerNorm residual MLP
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            CLIPEncoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
+            for _ in range(cfg.num_hidden_layers)
+        )
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Every hidden state: the input, then the output of each layer (num_layers + 1 tensors)."""
+        states = [h]
+        for layer in self.layers:
+            states.append(layer(states[-1], mask))
+        return states
+
+
+# ─── Text tower ──────────────────────────────────────────────────────────────────────────────────
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # computed here: no buffers
+        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, L, D)
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPTextModel(nn.Module):
+    """Token ids (B, L ≤ 77) → last hidden state (B, L, D): the UNet's text context."""
+
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        tm = self.text_model
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; the model has {self.config.max_position_embeddings} positions")
+        h = tm.embeddings(input_ids)  # (B, L, D)
+        L = input_ids.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()  # token i attends to tokens 0..i
+        return tm.final_layer_norm(tm.encoder(h, causal)[-1])  # (B, L, D)
+
+    def pool(self, input_ids: torch.Tensor, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """CLIP's sentence feature (B, D): the hidden state at the <|endoftext|> token
+        (legacy configs, eos_token_id 2: at the highest id, which is <|endoftext|> too)."""
+        if self.config.eos_token_id == 2:
+            where = input_ids.argmax(dim=-1)
+        else:
+            where = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # first <|endoftext|>
+        return last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), where]
+
+
+# ─── Vision tower ────────────────────────────────────────────────────────────────────────────────
+
+
+class CLIPVisionOutput(NamedTuple):
+    image_embeds: torch.Tensor  # (B, projection_dim): projected class token, IP-Adapter's image embedding
+    last_hidden_state: torch.Tensor  # (B, 257, D), before post_layernorm
+    hidden_states: tuple[torch.Tensor, ...]  # num_layers + 1 tensors (B, 257, D); [-2] feeds IP-Adapter Plus
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # (B, 3, H, W) → (B, HW/p², D)
+        cls = self.class_embedding.expand(len(patches), 1, -1)  # (B, 1, D)
+        h = torch.cat([cls, patches], dim=1)  # (B, 1 + HW/p², D)
+        return h + self.position_embedding.weight  # one learned position per token
+
+
+class CLIPVisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.embeddings = CLIPVisionEmbeddings(cfg)
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: transformers' spelling
+        self.encoder = CLIPEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPVisionModelWithProjection(nn.Module):
+    """Pixels (B, 3, 224, 224), normalised by `preprocess.preprocess_image` → image embedding + hidden states."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config)
+        self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> CLIPVisionOutput:
+        size = self.config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (self.config.num_channels, size, size):
+            raise ValueError(f"pixel_values should be (B, {self.config.num_channels}, {size}, {size}), got {tuple(pixel_values.shape)}")
+        vm = self.vision_model
+        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(self.visual_projection.weight.dtype)))  # (B, 257, D)
+        states = vm.encoder(h)
+        pooled = vm.post_layernorm(states[-1][:, 0])  # the class token, (B, D)
+        return CLIPVisionOutput(self.visual_projection(pooled), states[-1], tuple(states))
+
+
+# ─── Loading ─────────────────────────────────────────────────────────────────────────────────────
+
+WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+
+
+def read_clip_config(path: str | Path, cls: type, model_type: str):
+    """A transformers CLIP config.json → `cls`, ignoring the keys listed in IGNORED_CONFIG_KEYS."""
+    data = read_json(path, f"{cls.__name__} config")
+    found = data.get("model_type", model_type)
+    if found != model_type:
+        raise ConfigError(f"{path}: model_type is {found!r}, expected {model_type!r} (is this the right folder?)")
+    data = {k: v for k, v in data.items() if k not in IGNORED_CONFIG_KEYS and k != "model_type"}
+    return config_from_dict(cls, data, family=cls.__name__, source=path)
+
+
+def _component_files(path: Path, subfolder: str, what: str) -> tuple[Path, Path]:
+    """(config.json, weights file) of a transformers folder; `path` may also be the model folder above it."""
+    if path.is_dir() and not (path / "config.json").exists() and (path / subfolder).is_dir():
+        path = path / subfolder
+    if not path.is_dir():
+        raise WeightsError(f"{path}: expected a {what} folder (config.json + model.safetensors)")
+    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights is None:
+        sharded = " (sharded checkpoints are not supported)" if list(path.glob("*.index.json")) else ""
+        raise WeightsError(f"{path}: no weights file found{sharded}; expected one of {', '.join(WEIGHT_FILES)}")
+    return path / "config.json", weights
+
+
+def _build(model_cls, config, checkpoint, names, unmatched, family, dtype, device):
+    with torch.device("meta"):
+        model = model_cls(config)
+    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device,
+                 describe=keymap.describe_checkpoint)
+    return model.eval()
+
+
+def load_text_encoder(path, *, dtype=None, device="cpu", config: CLIPTextConfig | None = None) -> CLIPTextModel:
+    """SD's text encoder from a transformers `text_encoder/` folder or an LDM single-file checkpoint
+    (`cond_stage_model.transformer.*`; its config is SD 1.5's unless `config=` is given)."""
+    path = Path(path)
+    if path.is_file():
+        config = config or CLIPTextConfig.sd15()
+        checkpoint = Checkpoint(path)
+    else:
+        config_file, weights = _component_files(path, "text_encoder", "text encoder")
+        config = config or read_clip_config(config_file, CLIPTextConfig, "clip_text_model")
+        checkpoint = Checkpoint(weights)
+    names, unmatched = keymap.clip_text_names(checkpoint.keys())
+    family = f"CLIP text encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers)"
+    return _build(CLIPTextModel, config, checkpoint, names, unmatched, family, dtype, device)
+
+
+def load_image_encoder(path, *, dtype=None, device="cpu", config: CLIPVisionConfig | None = None) -> CLIPVisionModelWithProjection:
+    """IP-Adapter's image encoder from a transformers `CLIPVisionModelWithProjection` folder."""
+    config_file, weights = _component_files(Path(path), "image_encoder", "CLIP image encoder")
+    config = config or read_clip_config(config_file, CLIPVisionConfig, "clip_vision_model")
+    checkpoint = Checkpoint(weights)
+    names, unmatched = keymap.clip_vision_names(checkpoint.keys())
+    family = (f"CLIP vision encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+              f"projection {config.projection_dim})")
+    return _build(CLIPVisionModelWithProjection, config, checkpoint, names, unmatched, family, dtype, device)
