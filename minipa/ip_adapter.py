@@ -1,0 +1,277 @@
+"""IP-Adapter (seed §3.2): image prompts through decoupled cross-attention.
+
+Two small pieces are added to a frozen SD UNet:
+1. `ImageProjection` (seed §3.2.1): the CLIP image encoder's global embedding → a Linear layer →
+   N = 4 tokens of the text-token width → LayerNorm. These are the "image tokens" c_i.
+2. `DecoupledCrossAttention` (seed §3.2.2): every cross-attention layer of the UNet keeps its
+   text branch and gains an image branch with its own key/value weights Wk′, Wv′ (`to_k_ip`,
+   `to_v_ip`); the query Q = Z·Wq is shared. The two attention outputs are added:
+       Z_new = Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′,   K′ = c_i·Wk′, V′ = c_i·Wv′
+   where λ (`scale`) is 1 in the paper's training and chosen by the user at inference.
+
+`IPAdapter` holds both, with the official file layout (`image_proj.*`, `ip_adapter.{1,3,…,31}.*`);
+`attach_ip_adapter` swaps each `attn2` of a UNet for a decoupled one that *shares* the original
+projections (nothing is copied), `detach_ip_adapter` puts plain attention back.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from minipa.attention import Attention, attention
+from minipa.weights import Checkpoint, WeightsError, load_weights
+
+
+class ImageProjection(nn.Module):
+    """image embedding (B, E) → N image tokens (B, N, D)   (seed §3.2.1: Linear + LayerNorm)."""
+
+    def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.proj = nn.Linear(image_embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(image_embeds)  # (B, N·D)
+        tokens = tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)  # (B, N, D)
+        return self.norm(tokens)
+
+
+class ImageKeyValue(nn.Module):
+    """The only new weights in a cross-attention layer: Wk′ and Wv′ (seed §3.2.2), no biases."""
+
+    def __init__(self, cross_attention_dim: int, inner_dim: int):
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, inner_dim, bias=False)
+
+
+def decoupled_attention(q, k, v, k_ip, v_ip, scale: float) -> torch.Tensor:
+    """Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′   (seed §3.2.2). All (B, heads, L, d); λ = 0 is plain attention."""
+    text = attention(q, k, v)
+    if scale == 0:
+        return text  # skip the image branch: λ = 0 is exactly plain SD
+    return text + scale * attention(q, k_ip, v_ip)
+
+
+class DecoupledCrossAttention(Attention):
+    """A UNet cross-attention with an image branch. `to_q/to_k/to_v/to_out` are the original layer's own modules."""
+
+    def __init__(self, base: Attention, kv: ImageKeyValue, scale: float = 1.0):
+        nn.Module.__init__(self)  # no new text projections: we adopt the base layer's, below
+        self.heads, self.head_dim = base.heads, base.head_dim
+        self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out
+        self.to_k_ip, self.to_v_ip = kv.to_k_ip, kv.to_v_ip
+        self.scale = scale  # λ
+
+    def forward(self, x, context, image_tokens: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        """x: (B, HW, C); context: text tokens (B, 77, D); image_tokens: (B, N, D) → (B, HW, C)."""
+        if image_tokens is None:
+            return super().forward(x, context)
+        q = self.split_heads(self.to_q(x))  # Q = Z·Wq, shared by both branches
+        k, v = self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))  # K = c_t·Wk, V = c_t·Wv
+        k_ip = self.split_heads(self.to_k_ip(image_tokens))  # K′ = c_i·Wk′  (B, heads, N, d)
+        v_ip = self.split_heads(self.to_v_ip(image_tokens))  # V′ = c_i·Wv′
+        out = decoupled_attention(q, k, v, k_ip, v_ip, self.scale)  # (B, heads, HW, d)
+        return self.to_out[0](self.merge_heads(out))
+
+    def plain(self) -> Attention:
+        """The original cross-attention again, built around the same (shared) projections."""
+        with torch.device("meta"):
+            attn = Attention(self.to_q.in_features, self.to_k.in_features, heads=self.heads, head_dim=self.head_dim)
+        attn.to_q, attn.to_k, attn.to_v, attn.to_out = self.to_q, self.to_k, self.to_v, self.to_out
+        return attn
+
+
+# ─── Where the adapter plugs in ─────────────────────────────────────────────────────────────────
+
+UNET_ORDER = ("down_blocks", "up_blocks", "mid_block")  # the official numbering walks the UNet in this order
+
+
+def cross_attention_layers(unet: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """The UNet's cross-attention layers as (official index, module name, module).
+
+    The official IP-Adapter numbers all attention layers (self and cross) of the UNet in the order
+    down blocks, up blocks, mid block; self-attention (`attn1`) takes the even numbers and
+    cross-attention (`attn2`) the odd ones. For SD 1.5 this gives 16 layers:
+        1, 3, …, 11   down_blocks.{0,1,2}.attentions.{0,1}
+        13, 15, …, 29 up_blocks.{1,2,3}.attentions.{0,1,2}
+        31            mid_block.attentions.0
+    """
+    names = [name for name, module in unet.named_modules() if name.endswith(".attn2")]
+    names.sort(key=lambda name: UNET_ORDER.index(name.split(".")[0]))  # stable: keeps order within a group
+    modules = dict(unet.named_modules())
+    return [(2 * i + 1, name, modules[name]) for i, name in enumerate(names)]
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
+
+
+class IPAdapter(nn.Module):
+    """image_proj + one `ImageKeyValue` per cross-attention layer; state_dict keys are the official ones."""
+
+    def __init__(self, image_embed_dim: int, cross_attention_dim: int, inner_dims: Mapping[int, int], num_tokens: int = 4):
+        super().__init__()
+        self.image_proj = ImageProjection(image_embed_dim, cross_attention_dim, num_tokens)
+        self.ip_adapter = nn.ModuleDict({str(i): ImageKeyValue(cross_attention_dim, dim) for i, dim in inner_dims.items()})
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, image_embed_dim: int, num_tokens: int = 4) -> "IPAdapter":
+        """An adapter shaped for `unet` (randomly initialised; see `init_from_text_attention`)."""
+        dims = {i: attn.to_k.out_features for i, _, attn in cross_attention_layers(unet)}
+        return cls(image_embed_dim, unet.config.cross_attention_dim, dims, num_tokens)
+
+    @torch.no_grad()
+    def init_from_text_attention(self, unet: nn.Module) -> None:
+        """Wk′ ← Wk, Wv′ ← Wv for every layer: the paper's initialisation, for faster convergence."""
+        for i, _, attn in cross_attention_layers(unet):
+            kv = self.ip_adapter[str(i)]
+            kv.to_k_ip.weight.copy_(attn.to_k.weight)
+            kv.to_v_ip.weight.copy_(attn.to_v.weight)
+
+    def image_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, E) or (B, n_images, E) → image tokens (B, n_images·N, D): several images share one attention."""
+        if image_embeds.ndim == 2:
+            image_embeds = image_embeds[:, None]
+        tokens = self.image_proj(image_embeds)  # (B, n_images, N, D)
+        return tokens.flatten(1, 2)
+
+
+def attach_ip_adapter(unet: nn.Module, adapter: IPAdapter, scale: float = 1.0) -> None:
+    """Give every cross-attention layer of `unet` its image branch (in place, sharing all weights)."""
+    layers = cross_attention_layers(unet)
+    if sorted(int(i) for i in adapter.ip_adapter.keys()) != [i for i, _, _ in layers]:
+        raise ValueError(
+            f"this IP-Adapter has layers {sorted(int(i) for i in adapter.ip_adapter.keys())}, "
+            f"but the UNet's cross-attention layers are numbered {[i for i, _, _ in layers]}"
+        )
+    for i, name, attn in layers:
+        base = attn.plain() if isinstance(attn, DecoupledCrossAttention) else attn
+        _set_module(unet, name, DecoupledCrossAttention(base, adapter.ip_adapter[str(i)], scale))
+
+
+def detach_ip_adapter(unet: nn.Module) -> None:
+    """Plain cross-attention again everywhere: the UNet is exactly what it was before `attach`."""
+    for _, name, attn in cross_attention_layers(unet):
+        if isinstance(attn, DecoupledCrossAttention):
+            _set_module(unet, name, attn.plain())
+
+
+# ─── λ: one number, or one per block (InstantStyle) ─────────────────────────────────────────────
+
+
+def _block_key(name: str) -> tuple[str, str | None, int | None]:
+    """"down_blocks.2.attentions.1.…" → ("down", "block_2", 1); "mid_block.…" → ("mid", None, None)."""
+    parts = name.split(".")
+    if parts[0] == "mid_block":
+        return "mid", None, None
+    return parts[0].removesuffix("_blocks"), f"block_{parts[1]}", int(parts[3])
+
+
+def _check_scale(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"ip_scale{where} must be a finite number >= 0 (0 = ignore the image prompt), got {value!r}")
+    return float(value)
+
+
+def layer_scales(unet: nn.Module, scale: float | Mapping) -> dict[str, float]:
+    """λ for each cross-attention layer, by module name.
+
+    `scale` is a number (every layer), or a mapping in InstantStyle's form, e.g.
+    `{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}`: groups "down"/"mid"/"up";
+    a group's value is a number, or per block ("block_i": a number, or a list with one number per
+    attention layer in that block). Layers the mapping does not mention get λ = 0 (as diffusers does).
+    """
+    layers = cross_attention_layers(unet)
+    if not isinstance(scale, Mapping):
+        value = _check_scale(scale, "")
+        return {name: value for _, name, _ in layers}
+    unknown = set(scale) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"ip_scale mapping: unknown group(s) {sorted(unknown)}; expected 'down', 'mid' and/or 'up'")
+    per_block: dict[tuple[str, str | None], list[str]] = {}
+    for _, name, _ in layers:
+        group, block, _ = _block_key(name)
+        per_block.setdefault((group, block), []).append(name)
+    for group, groups_value in scale.items():
+        if isinstance(groups_value, Mapping):
+            blocks = {b for g, b in per_block if g == group}
+            if set(groups_value) - blocks:
+                raise ValueError(f"ip_scale[{group!r}]: no block(s) {sorted(set(groups_value) - blocks)} with attention; the UNet has {sorted(blocks)}")
+
+    scales = {}
+    for (group, block), names in per_block.items():
+        value = scale.get(group, 0.0)
+        if isinstance(value, Mapping):
+            value = value.get(block, 0.0)
+        where = f"[{group!r}]" + (f"[{block!r}]" if isinstance(scale.get(group), Mapping) else "")
+        if isinstance(value, (list, tuple)):
+            if len(value) == 1:
+                value = list(value) * len(names)
+            if len(value) != len(names):
+                raise ValueError(f"ip_scale{where}: expected one value or {len(names)} (one per attention layer), got {len(value)}")
+        else:
+            value = [value] * len(names)
+        scales.update({name: _check_scale(v, where) for name, v in zip(names, value)})
+    return scales
+
+
+def set_ip_scale(unet: nn.Module, scale: float | Mapping) -> None:
+    """Set λ on every decoupled cross-attention layer (a number, or InstantStyle's per-block mapping)."""
+    scales = layer_scales(unet, scale)
+    modules = dict(unet.named_modules())
+    for name, value in scales.items():
+        if not isinstance(modules[name], DecoupledCrossAttention):
+            raise ValueError("set_ip_scale: no IP-Adapter is attached to this UNet (attach_ip_adapter first)")
+        modules[name].scale = value
+
+
+# ─── Loading the official checkpoints ───────────────────────────────────────────────────────────
+
+FAMILY = "a base IP-Adapter for SD 1.x (image_proj = Linear + LayerNorm, to_k_ip/to_v_ip per cross-attention layer)"
+
+
+def describe_ip_adapter(shapes: Mapping[str, tuple]) -> str:
+    """A guess at which IP-Adapter variant a file holds, from its key names and shapes."""
+    keys = list(shapes)
+    if any(k.startswith(("image_proj.latents", "image_proj.layers.")) for k in keys):
+        return "an IP-Adapter Plus (a Perceiver Resampler in image_proj), which minipa does not support yet"
+    if any(k.startswith("image_proj.proj.0") or "perceiver" in k for k in keys):
+        return "an IP-Adapter FaceID (an MLP image projection over face embeddings), which minipa does not support"
+    widths = {shape[1] for k, shape in shapes.items() if k.endswith("to_k_ip.weight")}
+    if widths == {2048}:
+        return "an IP-Adapter for SDXL (2048-wide text tokens)"
+    if not any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
+        return "not an IP-Adapter (no image_proj./ip_adapter. keys)"
+    return f"an IP-Adapter whose image branch takes {sorted(widths)}-wide tokens"
+
+
+def load_ip_adapter(path: str | Path, unet: nn.Module, *, dtype=None, device="cpu") -> IPAdapter:
+    """Load `ip-adapter_sd15.bin` (nested) or `.safetensors` (flat) for `unet`; strict about every key.
+
+    The image-embedding width E and the token count N are read from `image_proj.proj.weight`
+    ((N·D, E)); D must be the UNet's text-token width.
+    """
+    checkpoint = Checkpoint(path)
+    shapes = checkpoint.shapes
+    proj = shapes.get("image_proj.proj.weight")
+    D = unet.config.cross_attention_dim
+    if proj is None or len(proj) != 2 or proj[0] % D:
+        raise WeightsError(
+            f"{checkpoint.path}: does not match {FAMILY} with {D}-wide tokens.\n"
+            f"This file looks like: {describe_ip_adapter(shapes)}."
+        )
+    with torch.device("meta"):
+        adapter = IPAdapter.for_unet(unet, image_embed_dim=proj[1], num_tokens=proj[0] // D)
+    names = {k: k for k in checkpoint.keys()}
+    load_weights(adapter, checkpoint, names, family=f"{FAMILY}, for this UNet", dtype=dtype, device=device, describe=describe_ip_adapter)
+    return adapter.eval()
+

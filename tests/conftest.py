@@ -1,0 +1,171 @@
+"""Shared test fixtures: a tiny, random, SD-1.5-shaped model world saved in the real file formats.
+
+The reference libraries (diffusers, transformers) create and save every model here; minipa only
+ever sees the files, through its own loaders. Sizes are tiny so a whole pipeline runs in seconds,
+but the block layout is SD 1.5's (4 levels, 2 layers per block), so the IP-Adapter numbering
+1, 3, …, 31 is the real one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+ROOT = Path(__file__).resolve().parent.parent
+BPE_GZ = ROOT / "weights" / "bpe_simple_vocab_16e6.txt.gz"
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=2,
+    norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(16, 32, 32, 32),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+)
+TINY_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+    hidden_act="quick_gelu",
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=224,
+    patch_size=32,
+    projection_dim=48,
+    hidden_act="gelu",
+)
+SD15_SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+)
+
+
+def random_ip_adapter_state(unet_config: dict, image_embed_dim: int, num_tokens: int = 4, seed: int = 0) -> dict:
+    """An IP-Adapter state dict in the official flat naming, with random weights, for a diffusers UNet config.
+
+    The layer widths come from the diffusers UNet's own attention processors (the oracle for the numbering).
+    """
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+    g = torch.Generator().manual_seed(seed)
+    D = unet_config["cross_attention_dim"]
+    state = {
+        "image_proj.proj.weight": torch.randn(num_tokens * D, image_embed_dim, generator=g) * 0.2,
+        "image_proj.proj.bias": torch.randn(num_tokens * D, generator=g) * 0.2,
+        "image_proj.norm.weight": 1 + 0.1 * torch.randn(D, generator=g),
+        "image_proj.norm.bias": 0.1 * torch.randn(D, generator=g),
+    }
+    modules = dict(unet.named_modules())
+    for i, name in enumerate(unet.attn_processors):  # every attention layer, in the official order
+        if name.endswith("attn2.processor"):
+            width = modules[name.removesuffix(".processor")].to_k.out_features
+            for kv in ("to_k_ip", "to_v_ip"):
+                state[f"ip_adapter.{i}.{kv}.weight"] = torch.randn(width, D, generator=g) * 0.2
+    return state
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Paths of a tiny SD model folder (diffusers layout), an image encoder and an IP-Adapter in both official formats."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from minipa.tokenizer import CLIPTokenizer as MinipaTokenizer
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    torch.manual_seed(0)
+    vocab = root / "vocab"
+    MinipaTokenizer.from_bpe_gz(BPE_GZ).save_pretrained(vocab)  # vocab.json + merges.txt, as SD ships them
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**TINY_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT)),
+        tokenizer=CLIPTokenizer(vocab / "vocab.json", vocab / "merges.txt"),
+        unet=UNet2DConditionModel(**TINY_UNET),
+        scheduler=DDIMScheduler(**SD15_SCHEDULER),
+        safety_checker=None,
+        feature_extractor=CLIPImageProcessor(),
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    _perturb_norms(pipe.unet)
+    _perturb_norms(pipe.vae)
+    model = root / "sd"
+    pipe.save_pretrained(model)
+
+    encoder = root / "ip" / "image_encoder"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION)).save_pretrained(encoder)
+    state = random_ip_adapter_state(TINY_UNET, TINY_VISION["projection_dim"])
+    save_file(state, root / "ip" / "ip-adapter.safetensors")
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in state.items():
+        group, _, rest = key.partition(".")
+        nested[group][rest] = tensor
+    torch.save(nested, root / "ip" / "ip-adapter.bin")
+    return {
+        "model": model,
+        "image_encoder": encoder,
+        "ip_safetensors": root / "ip" / "ip-adapter.safetensors",
+        "ip_bin": root / "ip" / "ip-adapter.bin",
+        "root": root,
+    }
+
+
+@torch.no_grad()
+def _perturb_norms(model):
+    """Random init leaves norms at 1/0 and zero-initialised outputs; perturb so every weight matters."""
+    g = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if "norm" in name or p.abs().max() == 0:
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def diffusers_pipeline(world, adapter: str | None = None):
+    """The reference: diffusers' StableDiffusionPipeline on the same files (+ load_ip_adapter)."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    pipe = StableDiffusionPipeline.from_pretrained(world["model"], safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    if adapter is not None:
+        path = Path(world[adapter])
+        pipe.load_ip_adapter(str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None)
+        pipe.register_modules(
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(world["image_encoder"]),
+            feature_extractor=CLIPImageProcessor(),
+        )
+    return pipe

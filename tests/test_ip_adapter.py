@@ -1,0 +1,235 @@
+"""IP-Adapter pieces (seed §3.2): image projection, decoupled cross-attention, the official layer
+numbering and checkpoint formats — each against diffusers."""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as RefUNet
+from diffusers.models.attention_processor import Attention as RefAttention
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from safetensors.torch import save_file
+
+from minipa.attention import Attention, attention_backend
+from minipa.ip_adapter import (
+    DecoupledCrossAttention,
+    ImageKeyValue,
+    IPAdapter,
+    attach_ip_adapter,
+    cross_attention_layers,
+    decoupled_attention,
+    detach_ip_adapter,
+    layer_scales,
+    load_ip_adapter,
+    set_ip_scale,
+)
+from minipa.unet import UNet2DConditionModel, UNetConfig
+from minipa.weights import WeightsError
+
+SD15_UNET = dict(cross_attention_dim=768)  # diffusers' defaults are SD 1.5's UNet otherwise
+
+
+def sd15_unets():
+    with torch.device("meta"):
+        return UNet2DConditionModel(UNetConfig.sd15()), RefUNet(**SD15_UNET)
+
+
+def test_numbering_matches_diffusers_attention_processor_order():
+    ours, ref = sd15_unets()
+    ref_order = [name.removesuffix(".processor") for name in ref.attn_processors]
+    table = cross_attention_layers(ours)
+    assert [i for i, _, _ in table] == list(range(1, 32, 2))
+    for i, name, _ in table:
+        assert ref_order[i] == name  # the official index is the position among all attention layers
+    assert table[0][1] == "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    assert table[6][1] == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    assert table[-1][1] == "mid_block.attentions.0.transformer_blocks.0.attn2"
+
+
+def test_full_size_ip_adapter_sd15_keys_and_parameter_count():
+    ours, ref = sd15_unets()
+    with torch.device("meta"):
+        adapter = IPAdapter.for_unet(ours, image_embed_dim=1024)  # OpenCLIP ViT-H/14 projection width
+    # the reference key set: diffusers' own processor order and widths, on meta
+    modules = dict(ref.named_modules())
+    expected = {
+        "image_proj.proj.weight": (4 * 768, 1024),
+        "image_proj.proj.bias": (4 * 768,),
+        "image_proj.norm.weight": (768,),
+        "image_proj.norm.bias": (768,),
+    }
+    for i, name in enumerate(ref.attn_processors):
+        if name.endswith("attn2.processor"):
+            width = modules[name.removesuffix(".processor")].to_k.out_features
+            expected[f"ip_adapter.{i}.to_k_ip.weight"] = (width, 768)
+            expected[f"ip_adapter.{i}.to_v_ip.weight"] = (width, 768)
+    ours_shapes = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    assert ours_shapes == expected
+    assert len(ours_shapes) == 4 + 2 * 16
+    assert sum(v.numel() for v in adapter.parameters()) == 22_319_616  # the paper's "22M"
+
+
+def test_decoupled_attention_layer_equals_diffusers_ip_processor():
+    torch.manual_seed(0)
+    dim, ctx, heads = 64, 32, 8
+    ref = RefAttention(query_dim=dim, cross_attention_dim=ctx, heads=heads, dim_head=dim // heads)
+    ref.set_processor(IPAdapterAttnProcessor2_0(hidden_size=dim, cross_attention_dim=ctx, num_tokens=(8,), scale=0.7))
+    with torch.no_grad():
+        for p in ref.processor.parameters():
+            p.normal_(0, 0.2)
+    base = Attention(dim, ctx, heads=heads)
+    base.load_state_dict({k: v for k, v in ref.state_dict().items() if "processor" not in k})
+    kv = ImageKeyValue(ctx, dim)
+    kv.to_k_ip.weight.data.copy_(ref.processor.to_k_ip[0].weight)
+    kv.to_v_ip.weight.data.copy_(ref.processor.to_v_ip[0].weight)
+    ours = DecoupledCrossAttention(base, kv, scale=0.7)
+
+    x, text, image = torch.randn(2, 16, dim), torch.randn(2, 77, ctx), torch.randn(2, 8, ctx)
+    expected = ref(x, encoder_hidden_states=(text, [image[:, None]]))
+    for backend in ("sdpa", "explicit"):
+        with attention_backend(backend):
+            assert (ours(x, text, image_tokens=image) - expected).abs().max() < 1e-5
+
+
+def test_scale_zero_is_exactly_plain_attention():
+    base = Attention(64, 32, heads=8)
+    ours = DecoupledCrossAttention(base, ImageKeyValue(32, 64), scale=0.0)
+    x, text, image = torch.randn(2, 16, 64), torch.randn(2, 77, 32), torch.randn(2, 4, 32)
+    assert torch.equal(ours(x, text, image_tokens=image), base(x, text))
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)
+    assert torch.equal(decoupled_attention(q, k, v, k * 2, v * 2, 0.0), decoupled_attention(q, k, v, k, v, 0.0))
+
+
+@pytest.fixture
+def unet_and_adapter():
+    torch.manual_seed(0)
+    config = UNetConfig.tiny()
+    unet = UNet2DConditionModel(config).eval()
+    adapter = IPAdapter.for_unet(unet, image_embed_dim=16)
+    return unet, adapter
+
+
+def test_attach_shares_weights_and_detach_restores_the_unet(unet_and_adapter):
+    unet, adapter = unet_and_adapter
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, t = torch.randn(1, 4, 16, 16), 500
+    text = torch.randn(1, 77, unet.config.cross_attention_dim)
+    plain = unet(x, t, text)
+
+    attach_ip_adapter(unet, adapter, scale=0.0)
+    layers = cross_attention_layers(unet)
+    assert all(isinstance(m, DecoupledCrossAttention) for _, _, m in layers)
+    first = layers[0][2]
+    assert first.to_k_ip.weight.data_ptr() == adapter.ip_adapter[str(layers[0][0])].to_k_ip.weight.data_ptr()
+    tokens = adapter.image_tokens(torch.randn(1, 16))
+    assert torch.equal(unet(x, t, text, image_tokens=tokens), plain)  # λ = 0 ≡ plain SD
+    set_ip_scale(unet, 0.5)
+    assert not torch.allclose(unet(x, t, text, image_tokens=tokens), plain)
+
+    detach_ip_adapter(unet)
+    assert not any(isinstance(m, DecoupledCrossAttention) for m in unet.modules())
+    after = unet.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(unet(x, t, text), plain)
+
+
+def test_init_from_text_attention_copies_wk_and_wv(unet_and_adapter):
+    unet, adapter = unet_and_adapter
+    adapter.init_from_text_attention(unet)
+    for i, _, attn in cross_attention_layers(unet):
+        assert torch.equal(adapter.ip_adapter[str(i)].to_k_ip.weight, attn.to_k.weight)
+        assert torch.equal(adapter.ip_adapter[str(i)].to_v_ip.weight, attn.to_v.weight)
+
+
+def test_image_projection_gives_n_tokens_and_concatenates_several_images(unet_and_adapter):
+    _, adapter = unet_and_adapter
+    D = adapter.image_proj.norm.normalized_shape[0]
+    assert adapter.image_tokens(torch.randn(3, 16)).shape == (3, 4, D)
+    two = torch.randn(3, 2, 16)
+    tokens = adapter.image_tokens(two)
+    assert tokens.shape == (3, 8, D)
+    torch.testing.assert_close(tokens[:, 4:], adapter.image_tokens(two[:, 1]))  # image 2 → tokens 5–8
+    zero = adapter.image_tokens(torch.zeros(1, 16))  # the unconditional tokens: LayerNorm(bias), not zeros
+    assert zero.abs().sum() > 0
+
+
+def test_per_block_scales_follow_instantstyle_semantics():
+    ours, _ = sd15_unets()
+    scales = layer_scales(ours, {"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": 0.5}})
+    assert scales["down_blocks.2.attentions.1.transformer_blocks.0.attn2"] == 1.0
+    assert scales["down_blocks.2.attentions.0.transformer_blocks.0.attn2"] == 0.0
+    assert all(scales[f"up_blocks.1.attentions.{j}.transformer_blocks.0.attn2"] == 0.5 for j in range(3))
+    assert scales["mid_block.attentions.0.transformer_blocks.0.attn2"] == 0.0  # not mentioned → 0
+    assert sum(v > 0 for v in scales.values()) == 4
+
+
+@pytest.mark.parametrize(
+    "scale, words",
+    [
+        (-0.5, "finite number >= 0"),
+        (float("nan"), "finite number >= 0"),
+        ({"sideways": 1.0}, "unknown group"),
+        ({"down": {"block_3": 1.0}}, "no block(s) ['block_3']"),
+        ({"up": {"block_1": [1.0, 0.0]}}, "expected one value or 3"),
+    ],
+)
+def test_bad_scales_are_clear_errors(scale, words):
+    ours, _ = sd15_unets()
+    with pytest.raises(ValueError) as err:
+        layer_scales(ours, scale)
+    assert words in str(err.value)
+
+
+def test_set_scale_without_adapter_is_an_error(unet_and_adapter):
+    unet, _ = unet_and_adapter
+    with pytest.raises(ValueError, match="no IP-Adapter is attached"):
+        set_ip_scale(unet, 0.5)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_official_formats_load_strictly(tmp_path, unet_and_adapter, fmt):
+    unet, _ = unet_and_adapter
+    state = {k: torch.randn(v.shape) for k, v in IPAdapter.for_unet(unet, 16).state_dict().items()}
+    path = tmp_path / f"ip.{fmt}"
+    if fmt == "bin":
+        nested = {"image_proj": {}, "ip_adapter": {}}
+        for k, v in state.items():
+            group, _, rest = k.partition(".")
+            nested[group][rest] = v
+        torch.save(nested, path)
+    else:
+        save_file(state, path)
+    adapter = load_ip_adapter(path, unet)
+    loaded = adapter.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def _bad_adapter(tmp_path, unet, edit):
+    state = {k: torch.zeros(v.shape) for k, v in IPAdapter.for_unet(unet, 16).state_dict().items()}
+    edit(state)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, path)
+    return path
+
+
+def test_wrong_adapters_are_named(tmp_path, unet_and_adapter):
+    unet, _ = unet_and_adapter
+    D = unet.config.cross_attention_dim
+
+    def sdxl(state):
+        for k in list(state):
+            if k.endswith("_ip.weight"):
+                state[k] = torch.zeros(state[k].shape[0], 2048)
+        state["image_proj.proj.weight"] = torch.zeros(4 * 2048, 16)
+        state["image_proj.proj.bias"] = torch.zeros(4 * 2048)
+
+    def plus(state):
+        state.clear()
+        state.update({"image_proj.latents": torch.zeros(1, 16, D), "image_proj.proj_in.weight": torch.zeros(D, 16),
+                      "image_proj.layers.0.0.norm1.weight": torch.zeros(16)})
+
+    def missing_layer(state):
+        del state["ip_adapter.31.to_k_ip.weight"]
+
+    for edit, words in ((sdxl, "SDXL"), (plus, "IP-Adapter Plus"), (missing_layer, "ip_adapter.31.to_k_ip.weight")):
+        with pytest.raises(WeightsError) as err:
+            load_ip_adapter(_bad_adapter(tmp_path, unet, edit), unet)
+        assert words in str(err.value) and "bad.safetensors" in str(err.value)
