@@ -110,7 +110,9 @@ def ldm_unet_keys(names, layers_per_block: int = 2, prefix: str = LDM_UNET_PREFI
     """
     names = list(names)
     with_attention = {n.split(".")[1] for n in names if n.startswith("up_blocks.") and ".attentions." in n}
-    top, middle, resnet_parts = ({new: old for old, new in t.items()} for t in (_LDM_UNET_TOP, _LDM_MIDDLE, _LDM_RESNET_PARTS))
+    top, middle, resnet_parts = (
+        {new: old for old, new in table.items()} for table in (_LDM_UNET_TOP, _LDM_MIDDLE, _LDM_RESNET_PARTS)
+    )
     per_level = layers_per_block + 1
 
     def block_and_rest(name: str) -> tuple[str, str]:
@@ -182,7 +184,8 @@ def _describe_unet(shapes: dict[str, tuple], has_extra: bool) -> str:
     if in_channels == 9:
         return "an inpainting UNet (9 input channels)"
     width = shapes["conv_in.weight"][0] if "conv_in.weight" in shapes else "?"
-    return f"an SD 1.x-style UNet ({in_channels} input channels, {width} channels at the first level, cross-attention width {', '.join(map(str, widths)) or '?'})"
+    text = ", ".join(map(str, widths)) or "?"
+    return f"an SD 1.x-style UNet ({in_channels} input channels, {width} channels at the first level, cross-attention width {text})"
 
 
 # ─── CLIP text and vision encoders ↔ transformers / LDM ─────────────────────────────────────────

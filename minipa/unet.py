@@ -2,9 +2,9 @@
 
 Reading order: `UNetConfig` → the three block kinds (down, mid, up) → `UNet2DConditionModel` → `load_unet`.
 
-    x_t (B,4,h,w) ─ conv_in ─ down level 0 ─ level 1 ─ level 2 ─ level 3 ─ mid ─ up level 0 ─ … ─ up level 3 ─ conv_out ─ ε (B,4,h,w)
-                                  │            │          │         │              ▲                    ▲
-                                  └────────────┴──────────┴─────────┴─ skips ──────┴────────────────────┘
+    x_t (B,4,h,w) → conv_in → down 0 → down 1 → down 2 → down 3 → mid → up 0 → up 1 → up 2 → up 3 → conv_out → ε
+                                │        │        │        │              ▲      ▲      ▲      ▲
+                                └────────┴────────┴────────┴─ skips (LIFO) ┴──────┴──────┴──────┘
 Every resnet sees the timestep embedding; every attention level sees the text tokens (and, with
 IP-Adapter, image tokens). Module names mirror diffusers, so a diffusers checkpoint loads by identity.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import keymap
-from .config import config_from_dict, read_json
+from .config import ConfigError, config_from_dict, read_json
 from .embeddings import TimestepEmbedding, timestep_embedding
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from .transformer import Transformer2DModel
@@ -91,7 +91,8 @@ class UNetConfig:
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
-        for field, types, allowed in (("down_block_types", self.down_block_types, DOWN_TYPES), ("up_block_types", self.up_block_types, UP_TYPES)):
+        for field, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
+            types = getattr(self, field)
             if len(types) != levels:
                 raise ValueError(f"{field} has {len(types)} entries but block_out_channels has {levels}")
             if any(t not in allowed for t in types):
@@ -100,7 +101,9 @@ class UNetConfig:
             raise ValueError(f"attention_head_dim={self.attention_head_dim} needs one entry per level ({levels})")
         for ch, heads in zip(self.block_out_channels, self.heads):
             if ch % self.norm_num_groups or ch % heads:
-                raise ValueError(f"block_out_channels entry {ch} is not divisible by norm_num_groups={self.norm_num_groups} and {heads} heads")
+                raise ValueError(
+                    f"block_out_channels entry {ch} must be divisible by norm_num_groups={self.norm_num_groups} and by {heads} heads"
+                )
 
     @property
     def heads(self) -> tuple[int, ...]:
@@ -116,13 +119,18 @@ class UNetConfig:
     @classmethod
     def tiny(cls, **changes) -> UNetConfig:
         """SD 1.5's layout at toy width: the model of the tiny world and of the parity tests."""
-        base = cls(block_out_channels=(32, 64, 64, 64), attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8, sample_size=16)
+        base = cls(
+            block_out_channels=(32, 64, 64, 64), attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8, sample_size=16
+        )
         return dataclasses.replace(base, **changes)
 
     @classmethod
     def from_json(cls, path: str | Path) -> UNetConfig:
         """Read a diffusers `unet/config.json`; settings minipa does not implement raise ConfigError naming them."""
         data = read_json(path, "UNet config")
+        found = data.get("_class_name", "UNet2DConditionModel")
+        if found != "UNet2DConditionModel":
+            raise ConfigError(f"{path}: expected the config of an SD 1.x UNet (UNet2DConditionModel), found a config for {found}")
         return config_from_dict(cls, data, family="an SD 1.x UNet", source=path, fixed=UNSUPPORTED)
 
 
@@ -138,12 +146,16 @@ class DownBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, temb_ch, layers, heads, context_dim, groups, eps, attention: bool, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps) for i in range(layers)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, context_dim, groups) for _ in range(layers)]) if attention else None
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb_ch, groups, eps) for i in range(layers)]
+        )
+        self.attentions = None
+        if attention:
+            self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, context_dim, groups) for _ in range(layers)])
         self.downsamplers = nn.ModuleList([Downsample2D(out_ch)]) if downsample else None
 
     def forward(self, h, temb, context, image_tokens, skips: list):
-        """h: (B, C_in, H, W) → (B, C_out, H/2, W/2); appends each intermediate h to `skips`."""
+        """h: (B, C_in, H, W) → (B, C_out, H/2, W/2) (H, W if it does not downsample); appends each result to `skips`."""
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, temb)
             if self.attentions is not None:
@@ -176,20 +188,19 @@ class UpBlock(nn.Module):
     last-in first-out, so each level meets the encoder features of its own resolution.
     """
 
-    def __init__(self, prev_ch, out_ch, skip_ch, temb_ch, layers, heads, context_dim, groups, eps, attention: bool, upsample: bool):
+    def __init__(self, prev_ch, out_ch, skip_ch, temb_ch, layers, heads, context_dim, groups, eps, attention, upsample):
         super().__init__()
-        # resnet i takes [h, skip]: h is prev_ch wide for the first, out_ch after; the last skip comes from the level below
-        self.resnets = nn.ModuleList(
-            [
-                ResnetBlock2D((prev_ch if i == 0 else out_ch) + (skip_ch if i == layers else out_ch), out_ch, temb_ch, groups, eps)
-                for i in range(layers + 1)
-            ]
-        )
-        self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, context_dim, groups) for _ in range(layers + 1)]) if attention else None
+        # resnet i sees [h, skip]: h is prev_ch wide for the first resnet and out_ch after it;
+        # the skips are out_ch wide, except the last one, which comes from the level below (skip_ch)
+        widths_in = [(prev_ch if i == 0 else out_ch) + (skip_ch if i == layers else out_ch) for i in range(layers + 1)]
+        self.resnets = nn.ModuleList([ResnetBlock2D(w, out_ch, temb_ch, groups, eps) for w in widths_in])
+        self.attentions = None
+        if attention:
+            self.attentions = nn.ModuleList([Transformer2DModel(out_ch, heads, context_dim, groups) for _ in widths_in])
         self.upsamplers = nn.ModuleList([Upsample2D(out_ch)]) if upsample else None
 
     def forward(self, h, temb, context, image_tokens, skips: list):
-        """h: (B, C_prev, H, W) → (B, C_out, 2H, 2W); pops one skip per resnet from `skips`."""
+        """h: (B, C_prev, H, W) → (B, C_out, 2H, 2W) (H, W if it does not upsample); pops one skip per resnet."""
         for i, resnet in enumerate(self.resnets):
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, H, W)
             h = resnet(h, temb)
@@ -211,17 +222,24 @@ class UNet2DConditionModel(nn.Module):
         self.config = config
         ch, heads, n = config.block_out_channels, config.heads, len(config.block_out_channels)
         temb_ch = 4 * ch[0]
-        common = dict(layers=config.layers_per_block, context_dim=config.cross_attention_dim, groups=config.norm_num_groups, eps=config.norm_eps)
+        common = dict(
+            layers=config.layers_per_block, context_dim=config.cross_attention_dim, groups=config.norm_num_groups, eps=config.norm_eps
+        )
 
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], kernel_size=3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
         self.down_blocks = nn.ModuleList(
             [
-                DownBlock(ch[max(i - 1, 0)], ch[i], temb_ch, heads=heads[i], attention=kind == "CrossAttnDownBlock2D", downsample=i < n - 1, **common)
+                DownBlock(
+                    in_ch=ch[max(i - 1, 0)], out_ch=ch[i], temb_ch=temb_ch, heads=heads[i],
+                    attention=kind == "CrossAttnDownBlock2D", downsample=i < n - 1, **common,
+                )
                 for i, kind in enumerate(config.down_block_types)
             ]
         )
-        self.mid_block = MidBlock(ch[-1], temb_ch, heads[-1], config.cross_attention_dim, config.norm_num_groups, config.norm_eps)
+        self.mid_block = MidBlock(
+            ch[-1], temb_ch, heads[-1], config.cross_attention_dim, config.norm_num_groups, config.norm_eps
+        )
         up_ch, up_heads = ch[::-1], heads[::-1]  # the decoder walks the levels back up
         self.up_blocks = nn.ModuleList(
             [
@@ -246,7 +264,8 @@ class UNet2DConditionModel(nn.Module):
         text tokens (B, L, cross_attention_dim); image_tokens: IP-Adapter tokens (B, N, cross_attention_dim)
         or None. Returns ε (B, C_out, H, W)."""
         t = self._timesteps(timestep, sample)
-        t_code = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift)
+        cfg = self.config
+        t_code = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)  # (B, C₀)
         temb = self.time_embedding(t_code.to(sample.dtype))  # (B, 4·C₀)
         context = encoder_hidden_states
 
@@ -267,7 +286,7 @@ class UNet2DConditionModel(nn.Module):
         if t.ndim == 0 or t.shape == (1,):
             return t.reshape(1).expand(batch)
         if t.shape != (batch,):
-            raise ValueError(f"timestep must be a number, a 0-d tensor or shaped (B,)=({batch},); got shape {tuple(t.shape)}")
+            raise ValueError(f"timestep must be a number, a 0-d tensor or shaped (B,) = ({batch},); got {tuple(t.shape)}")
         return t
 
 
@@ -276,7 +295,9 @@ class UNet2DConditionModel(nn.Module):
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-def load_unet(path: str | Path, *, config: UNetConfig | None = None, dtype: torch.dtype | None = None, device="cpu") -> UNet2DConditionModel:
+def load_unet(
+    path: str | Path, *, config: UNetConfig | None = None, dtype: torch.dtype | None = None, device="cpu"
+) -> UNet2DConditionModel:
     """Load a UNet from a diffusers `unet/` folder or an original LDM single file (.safetensors / .ckpt).
 
     A folder brings its own config.json; a single file carries none, so `config` defaults to SD 1.5's.
@@ -300,6 +321,7 @@ def load_unet(path: str | Path, *, config: UNetConfig | None = None, dtype: torc
 
     with torch.device("meta"):
         model = UNet2DConditionModel(config)
-    family = f"an SD 1.x UNet (in_channels={config.in_channels}, cross_attention_dim={config.cross_attention_dim}, block_out_channels={config.block_out_channels})"
-    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device, describe=keymap.describe_checkpoint)
+    family = f"an SD 1.x UNet ({config.in_channels} in, {config.block_out_channels[0]} wide, text {config.cross_attention_dim})"
+    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device,
+                 describe=keymap.describe_checkpoint)
     return model.eval()
