@@ -242,3 +242,71 @@ def _clip_size(shapes: dict[str, tuple], width_key: str, layer_key: str) -> str:
     width = next((shape[-1] for k, shape in shapes.items() if k.endswith(width_key)), "?")
     layers = len({k for k in shapes if k.endswith(layer_key)})
     return f" (hidden {width}, {layers} layers)"
+
+
+# ─── VAE: original LDM (`first_stage_model.*`) ↔ diffusers / minipa ──────────────────────────────
+#
+# The same network under other names. Renames of dotted pieces, applied in this order (both ways):
+_LDM_VAE_RENAMES = [  # (LDM, diffusers)
+    ("mid.block_1", "mid_block.resnets.0"),
+    ("mid.block_2", "mid_block.resnets.1"),
+    ("mid.attn_1.norm", "mid_block.attentions.0.group_norm"),
+    ("mid.attn_1.q", "mid_block.attentions.0.to_q"),  # LDM's q/k/v/proj_out are 1×1 convs, diffusers'
+    ("mid.attn_1.k", "mid_block.attentions.0.to_k"),  # are Linear layers: same numbers, shape (C, C, 1, 1)
+    ("mid.attn_1.v", "mid_block.attentions.0.to_v"),  # vs (C, C); weights.load_weights accepts both
+    ("mid.attn_1.proj_out", "mid_block.attentions.0.to_out.0"),
+    ("norm_out", "conv_norm_out"),
+    ("nin_shortcut", "conv_shortcut"),
+    ("downsample.conv", "downsamplers.0.conv"),
+    ("upsample.conv", "upsamplers.0.conv"),
+    ("block", "resnets"),
+]
+# …and the levels: encoder.down.{i} ↔ encoder.down_blocks.{i}, but the decoder is numbered from the
+# bottom in LDM: decoder.up.{levels − 1 − i} ↔ decoder.up_blocks.{i}.
+LDM_VAE_PREFIX = "first_stage_model."
+
+
+def _rename_pieces(key: str, pairs) -> str:
+    dotted = f".{key}."
+    for old, new in pairs:
+        dotted = dotted.replace(f".{old}.", f".{new}.")
+    return dotted[1:-1]
+
+
+def _renumber_levels(key: str, levels: int, to_diffusers: bool) -> str:
+    down, up = ("down", "down_blocks"), ("up", "up_blocks")
+    for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
+        src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
+        head = f"{side}.{src}."
+        if key.startswith(head):
+            level, rest = key[len(head):].split(".", 1)
+            level = int(level) if side == "encoder" else levels - 1 - int(level)
+            return f"{side}.{dst}.{level}.{rest}"
+    return key
+
+
+def ldm_vae_names(file_keys, levels: int = 4, prefix: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """Place the VAE keys of an LDM checkpoint: (names: minipa parameter → file key, unmatched file keys).
+
+    `prefix` defaults to "first_stage_model." when the file has it (SD single file), else "" (a
+    standalone LDM VAE such as vae-ft-mse-840000). Keys outside the prefix belong to other models.
+    """
+    file_keys = list(file_keys)
+    if prefix is None:
+        prefix = LDM_VAE_PREFIX if any(k.startswith(LDM_VAE_PREFIX) for k in file_keys) else ""
+    names, unmatched = {}, []
+    for key in file_keys:
+        if not key.startswith(prefix):
+            continue
+        name = _renumber_levels(_rename_pieces(key[len(prefix):], _LDM_VAE_RENAMES), levels, to_diffusers=True)
+        if name in names:
+            unmatched.append(key)
+        else:
+            names[name] = key
+    return names, unmatched
+
+
+def ldm_vae_keys(names, levels: int = 4, prefix: str = LDM_VAE_PREFIX) -> dict[str, str]:
+    """The inverse rule, minipa/diffusers VAE names → LDM file keys (used to write LDM files)."""
+    back = [(new, old) for old, new in _LDM_VAE_RENAMES]
+    return {name: prefix + _rename_pieces(_renumber_levels(name, levels, to_diffusers=False), back) for name in names}

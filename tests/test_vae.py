@@ -1,0 +1,184 @@
+"""The VAE equals diffusers' AutoencoderKL (tiny random models in diffusers' and LDM's formats), and its
+LDM key rules agree with diffusers' own converter, on a tiny model and on every full-size key (meta)."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from minipa import keymap
+from minipa.attention import attention_backend
+from minipa.config import ConfigError
+from minipa.vae import AutoencoderKL, VAEConfig, load_vae
+from minipa.weights import WeightsError
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
+
+TINY = dict(block_out_channels=(32, 64, 64), norm_num_groups=8, layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+SD15 = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2, latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+
+
+def tiny_config():
+    return VAEConfig(**TINY)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(**TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(reference, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae")
+    reference.save_pretrained(folder)
+    return folder
+
+
+def pixels(seed=0, shape=(2, 3, 32, 48)):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def ldm_state(reference) -> dict:
+    """The reference's weights under LDM names, attention projections as 1×1 convs like real LDM files."""
+    state = reference.state_dict()
+    to_ldm = keymap.ldm_vae_keys(state, levels=3)
+    return {to_ldm[k]: (v[:, :, None, None] if ".attentions." in k and v.ndim == 2 else v).contiguous() for k, v in state.items()}
+
+
+def assert_matches_reference(ours, reference):
+    x = pixels()
+    with torch.no_grad():
+        expected = reference.encode(x).latent_dist
+        posterior = ours.encode(x)
+        assert posterior.mean.shape == (2, 4, 8, 12)
+        assert (posterior.mean - expected.mean).abs().max() < 1e-4
+        assert (posterior.logvar - expected.logvar).abs().max() < 1e-4
+        assert (posterior.std - expected.std).abs().max() < 1e-4
+        sample = posterior.sample(torch.Generator().manual_seed(7))
+        assert (sample - expected.sample(torch.Generator().manual_seed(7))).abs().max() < 1e-4
+        assert torch.equal(posterior.mode(), posterior.mean)
+        z = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(3))
+        decoded = ours.decode(z)
+        assert decoded.shape == (2, 3, 32, 48)
+        assert (decoded - reference.decode(z).sample).abs().max() < 1e-4
+
+
+def test_diffusers_folder_equals_diffusers(diffusers_folder, reference):
+    ours = load_vae(diffusers_folder)
+    assert ours.scaling_factor == 0.18215 and ours.config.block_out_channels == (32, 64, 64)
+    assert_matches_reference(ours, reference)
+
+
+def test_explicit_and_sdpa_attention_agree(diffusers_folder):
+    ours = load_vae(diffusers_folder)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = ours.decode(z)
+        with attention_backend("explicit"):
+            explicit = ours.decode(z)
+    assert (fast - explicit).abs().max() < 1e-5
+
+
+def test_ldm_names_agree_with_diffusers_converter(reference):
+    """Write the tiny model in LDM naming with minipa's rule, convert back with diffusers' own code."""
+    ldm = ldm_state(reference)
+    assert "first_stage_model.decoder.up.2.block.0.norm1.weight" in ldm  # up_blocks.0 is LDM's up.2 (reversed)
+    back = convert_ldm_vae_checkpoint(ldm, dict(reference.config))
+    original = reference.state_dict()
+    assert set(back) == set(original)
+    assert all(torch.equal(back[k], original[k]) for k in original)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_ldm_single_file_equals_diffusers(reference, tmp_path, suffix):
+    state = ldm_state(reference)
+    state["model.diffusion_model.conv_in.weight"] = torch.zeros(8, 4, 3, 3)  # the rest of a single file
+    state["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.zeros(8)
+    path = tmp_path / f"sd{suffix}"
+    if suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save({"state_dict": state, "global_step": 470000}, path)
+    assert_matches_reference(load_vae(path, config=tiny_config()), reference)
+
+
+def test_standalone_ldm_vae_file_without_prefix(reference, tmp_path):
+    state = {k.removeprefix("first_stage_model."): v for k, v in ldm_state(reference).items()}
+    save_file(state, tmp_path / "vae-ft-mse.safetensors")
+    assert_matches_reference(load_vae(tmp_path / "vae-ft-mse.safetensors", config=tiny_config()), reference)
+
+
+# ─── full-size coverage on meta ──────────────────────────────────────────────────────────────────
+
+
+def full_size_states():
+    with torch.device("meta"):
+        theirs = diffusers.AutoencoderKL(**SD15)
+        ours = AutoencoderKL(VAEConfig.sd15())
+    return theirs, {k: v.shape for k, v in theirs.state_dict().items()}, {k: v.shape for k, v in ours.state_dict().items()}
+
+
+def test_full_size_keys_and_shapes_equal_diffusers():
+    _, theirs, ours = full_size_states()
+    assert len(ours) == len(theirs) == 248
+    assert sum(s.numel() for s in ours.values()) == 83_653_863
+    assert ours == theirs
+
+
+def test_full_size_ldm_keys_round_trip_and_match_diffusers_converter():
+    model, theirs, ours = full_size_states()
+    to_ldm = keymap.ldm_vae_keys(ours)
+    assert len(set(to_ldm.values())) == 248
+    assert to_ldm["decoder.up_blocks.0.upsamplers.0.conv.weight"] == "first_stage_model.decoder.up.3.upsample.conv.weight"
+    assert to_ldm["encoder.mid_block.attentions.0.to_out.0.weight"] == "first_stage_model.encoder.mid.attn_1.proj_out.weight"
+    names, unmatched = keymap.ldm_vae_names(list(to_ldm.values()) + ["model.diffusion_model.out.2.bias"])
+    assert unmatched == [] and names == to_ldm
+    meta = {to_ldm[k]: torch.empty(s, device="meta") for k, s in theirs.items()}
+    converted = convert_ldm_vae_checkpoint(meta, dict(model.config))
+    assert {k: v.shape for k, v in converted.items()} == theirs
+
+
+def test_config_json_round_trip(diffusers_folder):
+    config = VAEConfig.from_json(diffusers_folder / "config.json")
+    assert config == VAEConfig(**TINY, sample_size=32)
+
+
+# ─── bad input ───────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"act_fn": "gelu"}, "act_fn='gelu' is not supported"),
+    ({"latents_mean": [0.1, 0.2, 0.3, 0.4]}, "latents_mean"),
+    ({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D"]}, "down_block_types must be"),
+    ({"mystery_setting": 3}, "mystery_setting=3 is not a setting"),
+])
+def test_unsupported_configs_are_clear_errors(diffusers_folder, tmp_path, change, words):
+    config = json.loads((diffusers_folder / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes((diffusers_folder / "diffusion_pytorch_model.safetensors").read_bytes())
+    with pytest.raises(ConfigError, match=words):
+        load_vae(tmp_path)
+
+
+def test_wrong_files_are_clear_errors(diffusers_folder, tmp_path):
+    with pytest.raises(WeightsError, match="no such VAE folder"):
+        load_vae(tmp_path / "nowhere")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(WeightsError, match="no VAE weights found.*diffusion_pytorch_model.safetensors"):
+        load_vae(tmp_path)
+    with pytest.raises(WeightsError) as err:  # the tiny VAE file where the full-size SD 1.5 VAE is expected
+        load_vae(diffusers_folder / "diffusion_pytorch_model.safetensors")
+    assert "does not match SD VAE (AutoencoderKL, channels (128, 256, 512, 512)" in str(err.value)
+    assert "wrong shape" in str(err.value) and "looks like: an SD VAE" in str(err.value)
+
+
+def test_text_encoder_file_given_as_vae_is_a_clear_error(tmp_path):
+    save_file({"text_model.final_layer_norm.weight": torch.zeros(8)}, tmp_path / "te.safetensors")
+    with pytest.raises(WeightsError, match="looks like: a CLIP text encoder") as err:
+        load_vae(tmp_path / "te.safetensors", config=tiny_config())
+    assert "missing key" in str(err.value) and "unexpected key" in str(err.value)
