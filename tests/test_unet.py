@@ -10,6 +10,9 @@ from safetensors.torch import save_file
 from minipa import keymap
 from minipa.attention import Attention, attention_backend
 from minipa.config import ConfigError
+from minipa.embeddings import timestep_embedding
+from minipa.resnet import ResnetBlock2D
+from minipa.transformer import Transformer2DModel
 from minipa.unet import UNet2DConditionModel, UNetConfig, load_unet
 from minipa.weights import WeightsError
 
@@ -71,6 +74,53 @@ def inputs(height, width, batch=2, seed=1):
 def max_diff(ours, reference, sample, timestep, context):
     with torch.no_grad():
         return (ours(sample, timestep, context) - reference(sample, timestep, context).sample).abs().max().item()
+
+
+# ─── Layer by layer: each piece equals its diffusers counterpart ────────────────────────────────
+
+
+def perturbed(module):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return module.eval()
+
+
+@pytest.mark.parametrize("dim,flip,shift", [(32, True, 0), (33, False, 1)])
+def test_timestep_embedding_matches_diffusers(dim, flip, shift):
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0, 1, 17, 500, 999])
+    ours = timestep_embedding(t, dim, flip_sin_to_cos=flip, freq_shift=shift)
+    theirs = get_timestep_embedding(t, dim, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+    assert ours.shape == (5, dim) and (ours - theirs).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("in_ch,out_ch", [(16, 16), (16, 32)], ids=["same-width", "with-1x1-shortcut"])
+def test_resnet_block_matches_diffusers(in_ch, out_ch):
+    from diffusers.models.resnet import ResnetBlock2D as Reference
+
+    ref = perturbed(Reference(in_channels=in_ch, out_channels=out_ch, temb_channels=24, groups=8, eps=1e-5))
+    ours = ResnetBlock2D(in_ch, out_ch, temb_channels=24, groups=8)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, temb = torch.randn(2, in_ch, 6, 5), torch.randn(2, 24)
+    with torch.no_grad():
+        assert (ours(x, temb) - ref(x, temb)).abs().max().item() < 1e-5
+
+
+def test_transformer_2d_matches_diffusers():
+    from diffusers import Transformer2DModel as Reference
+
+    ref = perturbed(Reference(num_attention_heads=4, attention_head_dim=8, in_channels=32, norm_num_groups=8, cross_attention_dim=24))
+    ours = Transformer2DModel(32, heads=4, context_dim=24, groups=8)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x, context = torch.randn(2, 32, 5, 7), torch.randn(2, 77, 24)
+    with torch.no_grad():
+        assert (ours(x, context) - ref(x, context).sample).abs().max().item() < 1e-5
+        block = ref.transformer_blocks[0]  # and the BasicTransformerBlock (pre-LayerNorm, GEGLU) on its own
+        tokens = torch.randn(2, 35, 32)
+        assert (ours.transformer_blocks[0](tokens, context) - block(tokens, encoder_hidden_states=context)).abs().max() < 1e-5
 
 
 # ─── Parity with diffusers ──────────────────────────────────────────────────────────────────────
@@ -211,6 +261,30 @@ def test_full_size_ldm_keys_round_trip_through_diffusers_converter(full_size):
     assert unmatched == [] and names == to_ldm
 
 
+# Keys and shapes of the original v1-5-pruned checkpoint (a fact independent of both converters,
+# which accept an upsampler in either output slot): pins where the rules put each kind of layer.
+SD15_LDM_FACTS = {
+    "time_embed.0.weight": (1280, 320),
+    "input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+    "input_blocks.3.0.op.weight": (320, 320, 3, 3),
+    "input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+    "middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+    "middle_block.2.out_layers.3.weight": (1280, 1280, 3, 3),
+    "output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+    "output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+    "output_blocks.8.2.conv.weight": (640, 640, 3, 3),
+    "output_blocks.11.1.transformer_blocks.0.ff.net.2.weight": (320, 1280),
+    "out.2.weight": (4, 320, 3, 3),
+}
+
+
+def test_full_size_ldm_keys_include_known_sd15_keys(full_size):
+    _, ours = full_size
+    ldm_shapes = {key: tuple(ours[name].shape) for name, key in keymap.ldm_unet_keys(ours).items()}
+    for key, shape in SD15_LDM_FACTS.items():
+        assert ldm_shapes[keymap.LDM_UNET_PREFIX + key] == shape, key
+
+
 # ─── LDM single files ───────────────────────────────────────────────────────────────────────────
 
 
@@ -325,3 +399,27 @@ def test_missing_files_in_the_folder(unet_folder, tmp_path):
     (tmp_path / "config.json").unlink()
     with pytest.raises(ConfigError, match="config.json"):
         load_unet(tmp_path)
+
+
+SD_UNET = {"conv_in.weight": (320, 4, 3, 3), "down_blocks.0.resnets.0.conv1.weight": (320, 320, 3, 3)}
+TEXT_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+LDM_IN = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+@pytest.mark.parametrize(
+    "shapes,expected",
+    [
+        ({**SD_UNET, "add_embedding.linear_1.weight": (1280, 2816)}, "an SDXL UNet (has add_embedding)"),
+        ({LDM_IN: (320, 4, 3, 3), "model.diffusion_model.label_emb.0.0.weight": (1280, 2816)}, "SDXL UNet"),
+        ({**SD_UNET, TEXT_K: (320, 1024)}, "an SD 2.x UNet (cross-attention width 1024)"),
+        ({**SD_UNET, "conv_in.weight": (320, 9, 3, 3), TEXT_K: (320, 768)}, "an inpainting UNet (9 input channels)"),
+        ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)}, "an SD VAE"),
+        ({"text_model.embeddings.token_embedding.weight": (49408, 768)}, "a CLIP text encoder"),
+        ({"image_proj.proj.weight": (3072, 1024), "ip_adapter.1.to_k_ip.weight": (320, 768)}, "an IP-Adapter"),
+        ({LDM_IN: (320, 4, 3, 3)}, "an LDM single-file checkpoint"),
+        ({"foo.bar": (1,)}, "not a model minipa recognises"),
+    ],
+    ids=["sdxl", "sdxl-ldm", "sd2", "inpainting", "vae", "clip-text", "ip-adapter", "ldm", "unknown"],
+)
+def test_describe_checkpoint_names_the_family(shapes, expected):
+    assert expected in keymap.describe_checkpoint(shapes)
