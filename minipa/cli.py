@@ -1,30 +1,127 @@
-"""`minipa …` on the command line."""
+"""`minipa …` on the command line: `minipa generate --prompt "…" [--image-prompt IMG …] --out FILE.png`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
 
 from minipa import __version__
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minipa", description="Stable Diffusion 1.5 with IP-Adapter, from scratch.")
     parser.add_argument("--version", action="version", version=f"minipa {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    gen = commands.add_parser("generate", help="generate images from a text and/or image prompt")
-    gen.add_argument("--prompt", default="", help="the text prompt")
-    gen.add_argument("--out", default="out/minipa.png", help="where to write the PNG (a JSON sidecar goes beside it)")
+
+    gen = commands.add_parser(
+        "generate",
+        help="generate an image from a text and/or image prompt",
+        description="Generate an image. With no --model, the tiny model shipped in weights/ is used. "
+        "Writes FILE.png and FILE.json (every setting, for reproducing the image).",
+    )
+    gen.add_argument("--prompt", default="", help="the text prompt (default: empty)")
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from (the unconditional branch of CFG)")
+    gen.add_argument("--image-prompt", action="append", default=[], metavar="IMG",
+                     help="an image prompt (IP-Adapter); repeat the flag for several images, whose tokens are concatenated")
+    gen.add_argument("--model", help="a diffusers SD 1.x folder or a single .safetensors/.ckpt file (default: the tiny model)")
+    gen.add_argument("--ip-adapter", metavar="FILE", help="an official IP-Adapter file (ip-adapter_sd15.bin or .safetensors)")
+    gen.add_argument("--image-encoder", metavar="DIR",
+                     help="a transformers CLIPVisionModelWithProjection folder (default: image_encoder/ beside the adapter or in the model)")
+    gen.add_argument("--scale", type=_scale, default=0.6,
+                     help='IP-Adapter strength λ: a number (default 0.6), or per block as JSON, e.g. \'{"up": {"block_1": 1.0}}\'')
+    gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w (default 7.5; 1 = off)")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0); the same seed gives the same image")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: the model's)")
+    gen.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default ddim)")
+    gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype (default float32)")
+    gen.add_argument("--out", default="out/minipa.png", help="where to write the PNG (default out/minipa.png)")
+    gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return parser
+
+
+def _scale(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON mapping, got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a number or a JSON mapping, got {text!r}")
+    return value
+
+
+def generate(args) -> int:
+    import torch
+
+    from minipa.pipeline import load_pipeline
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must end in .png, got {args.out!r}")
+    sidecar = out.with_suffix(".json")
+    if not args.overwrite and (out.exists() or sidecar.exists()):
+        raise FileExistsError(f"{out if out.exists() else sidecar} already exists; pass --overwrite to replace it")
+
+    started = time.perf_counter()
+    pipe = load_pipeline(args.model, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
+                         device=args.device, dtype=getattr(torch, args.dtype))
+    settings = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt,
+        "ip_image": args.image_prompt or None, "ip_scale": args.scale if args.image_prompt else None,
+        "num_steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
+        "height": args.height, "width": args.width, "scheduler": args.scheduler,
+    }
+    image = pipe(**{**settings, "ip_scale": args.scale}, progress=not args.no_progress)[0]
+    settings.update(height=image.height, width=image.width)  # the model's own size when not given
+
+    record = {
+        "minipa": __version__, **settings,
+        "model": args.model or "tiny (weights/tiny)", "ip_adapter": args.ip_adapter, "image_encoder": args.image_encoder,
+        "device": args.device, "dtype": args.dtype, "seconds": round(time.perf_counter() - started, 2),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out, lambda f: image.save(f, format="PNG"))
+    _write_atomically(sidecar, lambda f: f.write(json.dumps(record, indent=2).encode() + b"\n"))
+    print(f"wrote {out} and {sidecar.name} ({record['seconds']} s)")
+    return 0
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "generate":
-        print(
-            "minipa: no model yet — the pipeline and the tiny model in weights/ are still being built; "
-            "nothing was written.",
-            file=sys.stderr,
-        )
+    try:
+        if args.command == "generate":
+            return generate(args)
+    except KeyboardInterrupt:
+        print("minipa: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as err:  # one readable message, not a traceback, unless --debug
+        if getattr(args, "debug", False):
+            raise
+        print(f"minipa: error: {err}", file=sys.stderr)
         return 1
     return 0

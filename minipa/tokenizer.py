@@ -103,9 +103,12 @@ class CLIPTokenizer:
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
-        """Read a diffusers/transformers `tokenizer/` folder: vocab.json + merges.txt."""
+        """Read a diffusers/transformers `tokenizer/` folder: vocab.json + merges.txt (as SD 1.5 ships
+        them), or the single tokenizer.json that transformers 5 writes."""
         folder = Path(folder)
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+        if not vocab_file.exists() and (folder / "tokenizer.json").is_file():
+            return cls._from_tokenizer_json(folder / "tokenizer.json")
         for f in (vocab_file, merges_file):
             if not f.is_file():
                 raise TokenizerError(f"{folder}: missing {f.name} (a CLIP tokenizer folder holds vocab.json and merges.txt)")
@@ -120,6 +123,18 @@ class CLIPTokenizer:
         bad = [" ".join(m) for m in merges if len(m) != 2]
         if bad:
             raise TokenizerError(f"{merges_file}: each line should hold two symbols, found {bad[0]!r}")
+        return cls(vocab, merges)
+
+    @classmethod
+    def _from_tokenizer_json(cls, path: Path) -> "CLIPTokenizer":
+        try:
+            model = json.loads(path.read_text(encoding="utf-8"))["model"]
+            vocab, merges = model["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise TokenizerError(f"{path}: not a BPE tokenizer.json with model.vocab and model.merges ({err!r})") from None
+        bad = [m for m in merges if len(m) != 2]
+        if not isinstance(vocab, dict) or bad:
+            raise TokenizerError(f"{path}: expected model.vocab as a mapping and model.merges as symbol pairs")
         return cls(vocab, merges)
 
     @classmethod

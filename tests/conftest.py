@@ -8,6 +8,7 @@ but the block layout is SD 1.5's (4 levels, 2 layers per block), so the IP-Adapt
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -65,6 +66,41 @@ TINY_VISION = dict(
     projection_dim=48,
     hidden_act="gelu",
 )
+# SD 1.5's tokenizer/tokenizer_config.json and special_tokens_map.json (as shipped on the Hub).
+_SPECIAL = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+SD15_TOKENIZER_CONFIG = {
+    "add_prefix_space": False,
+    "bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", **_SPECIAL},
+    "do_lower_case": True,
+    "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", **_SPECIAL},
+    "errors": "replace",
+    "model_max_length": 77,
+    "name_or_path": "openai/clip-vit-large-patch14",
+    "pad_token": "<|endoftext|>",
+    "special_tokens_map_file": "./special_tokens_map.json",
+    "tokenizer_class": "CLIPTokenizer",
+    "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", **_SPECIAL},
+}
+SD15_SPECIAL_TOKENS_MAP = {
+    "bos_token": {"content": "<|startoftext|>", **_SPECIAL},
+    "eos_token": {"content": "<|endoftext|>", **_SPECIAL},
+    "pad_token": "<|endoftext|>",
+    "unk_token": {"content": "<|endoftext|>", **_SPECIAL},
+}
+
+
+
+
+def write_sd15_tokenizer(folder: Path) -> Path:
+    """vocab.json + merges.txt converted from CLIP's .gz by minipa, plus SD 1.5's two config files."""
+    from minipa.tokenizer import CLIPTokenizer
+
+    CLIPTokenizer.from_bpe_gz(BPE_GZ).save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps(SD15_TOKENIZER_CONFIG))
+    (folder / "special_tokens_map.json").write_text(json.dumps(SD15_SPECIAL_TOKENS_MAP))
+    return folder
+
+
 SD15_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     steps_offset=1, clip_sample=False, set_alpha_to_one=False,
@@ -105,16 +141,13 @@ def tiny_world(tmp_path_factory):
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from minipa.tokenizer import CLIPTokenizer as MinipaTokenizer
-
     root = tmp_path_factory.mktemp("tiny_world")
     torch.manual_seed(0)
-    vocab = root / "vocab"
-    MinipaTokenizer.from_bpe_gz(BPE_GZ).save_pretrained(vocab)  # vocab.json + merges.txt, as SD ships them
+    vocab = write_sd15_tokenizer(root / "vocab")  # vocab.json + merges.txt and configs, as SD ships them
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL(**TINY_VAE),
         text_encoder=CLIPTextModel(CLIPTextConfig(**TINY_TEXT)),
-        tokenizer=CLIPTokenizer(vocab / "vocab.json", vocab / "merges.txt"),
+        tokenizer=CLIPTokenizer.from_pretrained(vocab),
         unet=UNet2DConditionModel(**TINY_UNET),
         scheduler=DDIMScheduler(**SD15_SCHEDULER),
         safety_checker=None,

@@ -9,41 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_sd15_tokenizer
 from minipa.tokenizer import CLIPTokenizer, TokenizerError, load_tokenizer, vocab_from_bpe_gz
 
 BPE_GZ = Path(__file__).resolve().parents[1] / "weights" / "bpe_simple_vocab_16e6.txt.gz"
 
-# SD 1.5's tokenizer/tokenizer_config.json and special_tokens_map.json (as shipped on the Hub).
-_SPECIAL = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-SD15_TOKENIZER_CONFIG = {
-    "add_prefix_space": False,
-    "bos_token": {"__type": "AddedToken", "content": "<|startoftext|>", **_SPECIAL},
-    "do_lower_case": True,
-    "eos_token": {"__type": "AddedToken", "content": "<|endoftext|>", **_SPECIAL},
-    "errors": "replace",
-    "model_max_length": 77,
-    "name_or_path": "openai/clip-vit-large-patch14",
-    "pad_token": "<|endoftext|>",
-    "special_tokens_map_file": "./special_tokens_map.json",
-    "tokenizer_class": "CLIPTokenizer",
-    "unk_token": {"__type": "AddedToken", "content": "<|endoftext|>", **_SPECIAL},
-}
-SD15_SPECIAL_TOKENS_MAP = {
-    "bos_token": {"content": "<|startoftext|>", **_SPECIAL},
-    "eos_token": {"content": "<|endoftext|>", **_SPECIAL},
-    "pad_token": "<|endoftext|>",
-    "unk_token": {"content": "<|endoftext|>", **_SPECIAL},
-}
-
-
 @pytest.fixture(scope="module")
 def sd_tokenizer_dir(tmp_path_factory):
     """vocab.json + merges.txt converted from CLIP's .gz by minipa, plus SD 1.5's two config files."""
-    folder = tmp_path_factory.mktemp("tokenizer")
-    CLIPTokenizer.from_bpe_gz(BPE_GZ).save_pretrained(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps(SD15_TOKENIZER_CONFIG))
-    (folder / "special_tokens_map.json").write_text(json.dumps(SD15_SPECIAL_TOKENS_MAP))
-    return folder
+    return write_sd15_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="module")

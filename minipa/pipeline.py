@@ -1,0 +1,256 @@
+"""Text + image prompts → images: Stable Diffusion 1.5 with IP-Adapter, one readable loop.
+
+    text ──tokenizer──▶ CLIP text ──▶ c_t (B, 77, 768) ──────────────┐
+    image ─preprocess─▶ CLIP vision ─▶ image_proj ─▶ c_i (B, 4, 768) ─┤ decoupled cross-attention
+    noise x_T ──▶ [UNet ε_θ(x_t, c_t, c_i, t) → CFG (seed eq. 2) → DDIM step] × steps ──▶ x_0
+    x_0 / 0.18215 ──VAE decoder──▶ pixels
+
+`load_pipeline` builds one from files users have; `Pipeline.__call__` generates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection, load_image_encoder, load_text_encoder
+from minipa.config import read_json
+from minipa.ddim import DDIMScheduler
+from minipa.ddpm import NoiseSchedule, ScheduleConfig
+from minipa.guidance import cfg, check_guidance_scale
+from minipa.ip_adapter import IPAdapter, attach_ip_adapter, load_ip_adapter, set_ip_scale
+from minipa.preprocess import preprocess_image
+from minipa.schedulers import make_scheduler
+from minipa.tokenizer import CLIPTokenizer, load_tokenizer
+from minipa.unet import UNet2DConditionModel, load_unet
+from minipa.vae import AutoencoderKL, load_vae
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+TINY_MODEL = WEIGHTS / "tiny"
+OUTPUTS = ("pil", "np", "latent")
+MAX_SIDE = 4096  # pixels; far beyond what SD 1.5 was trained for, and a guard against typos like 51200
+
+
+@dataclass
+class Pipeline:
+    """SD 1.5 (+ optional IP-Adapter). Every component is a plain attribute and usable on its own."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: NoiseSchedule
+    image_encoder: CLIPVisionModelWithProjection | None = None
+    ip_adapter: IPAdapter | None = None
+
+    @property
+    def image_proj(self):
+        return None if self.ip_adapter is None else self.ip_adapter.image_proj
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.conv_in.weight.dtype
+
+    # ── conditioning ────────────────────────────────────────────────────────────────────────────
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text tokens c_t: (B, 77, D), CLIP's last hidden state, as SD 1.5 uses it."""
+        ids = self.tokenizer(list(prompts)).to(self.device)  # (B, 77), padded with <|endoftext|>
+        return self.text_encoder(ids).to(self.dtype)
+
+    @torch.inference_mode()
+    def encode_image(self, images) -> torch.Tensor:
+        """CLIP image embeddings of the image prompt(s): (n_images, E)."""
+        if self.image_encoder is None:
+            raise ValueError("an image prompt needs an image encoder; load_pipeline(image_encoder=…) or put one in the model folder")
+        pixels = preprocess_image(images).to(self.device, self.dtype)  # (n, 3, 224, 224)
+        return self.image_encoder(pixels).image_embeds
+
+    # ── generation ──────────────────────────────────────────────────────────────────────────────
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | Sequence[str] = "",
+        negative_prompt: str | Sequence[str] = "",
+        ip_image=None,
+        ip_scale: float | Mapping = 0.6,
+        num_steps: int = 30,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = 0,
+        scheduler: str = "ddim",
+        latents: torch.Tensor | None = None,
+        output: str = "pil",
+        eta: float = 0.0,
+        progress: bool = True,
+    ):
+        """Generate one image per prompt. See the README for every argument; returns PIL images,
+        a (B, H, W, 3) float array in [0, 1] ("np"), or the final latents ("latent")."""
+        native = self.unet.config.sample_size * 8  # the resolution the model was trained at: 512 for SD 1.5
+        height, width = height or native, width or native
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        self._check_arguments(prompts, negatives, ip_image, height, width, latents, output)
+        w = check_guidance_scale(guidance_scale)
+        use_cfg = w != 1  # at w = 1, seed eq. 2 is the conditional prediction alone: skip the other pass
+        sampler = make_scheduler(scheduler, self.scheduler.config)
+        sampler.set_timesteps(num_steps)
+        generator = torch.Generator("cpu")  # on the CPU, so a seed gives the same noise on every device
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        step_options = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
+
+        # conditioning: c_t for [uncond, cond] and, with an image prompt, c_i for both
+        context = self.encode_prompt(negatives + prompts if use_cfg else prompts)  # ([2]B, 77, D)
+        image_tokens = self._image_tokens(ip_image, ip_scale, len(prompts), use_cfg)  # ([2]B, n·N, D) or None
+
+        # x_T ~ N(0, I), or the latents the caller gave (to compare runs or libraries)
+        shape = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
+        if latents is None:
+            latents = torch.randn(shape, generator=generator, dtype=self.dtype)
+        x = latents.to(self.device, self.dtype)
+
+        for i, t in enumerate(tqdm(sampler.timesteps, desc="minipa", disable=not progress)):
+            model_input = torch.cat([x, x]) if use_cfg else x
+            eps = self.unet(model_input, t, context, image_tokens=image_tokens)
+            if use_cfg:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = cfg(eps_uncond, eps_cond, w)  # ε̂ = ε_u + w·(ε_c − ε_u)   (seed eq. 2)
+            x = sampler.step(eps, t, x, generator=generator, **step_options).prev_sample
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f"the latents became NaN/inf at step {i + 1} of {num_steps} (t={int(t)}); with dtype={self.dtype} "
+                    f"try torch.float32, or a lower guidance_scale"
+                )
+        if output == "latent":
+            return x
+        return self.decode(x, output)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, output: str = "pil"):
+        """Latents → images: undo SD's latent scaling, run the VAE decoder, map [-1, 1] to [0, 1]."""
+        pixels = self.vae.decode(latents / self.vae.config.scaling_factor)  # (B, 3, H, W) in about [-1, 1]
+        images = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
+        if output == "np":
+            return images
+        return [Image.fromarray(img) for img in (images * 255).round().astype(np.uint8)]
+
+    def _image_tokens(self, ip_image, ip_scale, batch: int, use_cfg: bool) -> torch.Tensor | None:
+        if ip_image is None:
+            return None
+        if self.ip_adapter is None:
+            raise ValueError("ip_image was given but no IP-Adapter is loaded; load_pipeline(ip_adapter=PATH)")
+        set_ip_scale(self.unet, ip_scale)
+        embeds = self.encode_image(ip_image if isinstance(ip_image, (list, tuple)) else [ip_image])  # (n, E)
+        embeds = embeds[None].expand(batch, -1, -1).to(self.dtype)  # (B, n, E): the same image prompt(s) for each prompt
+        tokens = self.ip_adapter.image_tokens(embeds)  # (B, n·N, D)
+        if not use_cfg:
+            return tokens
+        # the unconditional image tokens come from a zero embedding: image_proj(0) = LayerNorm(bias), not zeros
+        return torch.cat([self.ip_adapter.image_tokens(torch.zeros_like(embeds)), tokens])
+
+    def _check_arguments(self, prompts, negatives, ip_image, height, width, latents, output):
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt: expected {len(prompts)} (one per prompt), got {len(negatives)}")
+        if not prompts:
+            raise ValueError("prompt: expected a string or a non-empty list of strings")
+        for name, side in (("height", height), ("width", width)):
+            if isinstance(side, bool) or not isinstance(side, int) or side < 8 or side % 8 or side > MAX_SIDE:
+                raise ValueError(f"{name} must be a multiple of 8 from 8 to {MAX_SIDE} (the VAE halves it three times), got {side!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+        if latents is not None:
+            expected = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents: expected shape {expected} = (batch, channels, height/8, width/8), got {tuple(latents.shape)}")
+
+
+# ── loading ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def load_pipeline(
+    model: str | Path | None = None,
+    ip_adapter: str | Path | None = None,
+    image_encoder: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Pipeline:
+    """Build a Pipeline from a diffusers SD 1.x folder, an original single-file checkpoint, or
+    (model=None) the tiny model shipped in weights/. `ip_adapter` is an official IP-Adapter file;
+    its image encoder defaults to `image_encoder/` next to the adapter, then inside the model folder."""
+    if model is None:
+        if not (TINY_MODEL / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"no model given and the tiny model is not in {TINY_MODEL} yet; pass model=PATH "
+                f"(a diffusers SD 1.5 folder or a single .safetensors/.ckpt file)"
+            )
+        model = TINY_MODEL
+        ip_adapter = ip_adapter or _first_existing(TINY_MODEL / "ip-adapter.safetensors")
+    model = Path(model)
+    load = dict(dtype=dtype, device=device)
+    if model.is_dir():
+        read_json(model / "model_index.json", f"{model} (an SD 1.x model folder in diffusers layout)")
+        pipe = Pipeline(
+            unet=load_unet(model / "unet", **load),
+            vae=load_vae(model / "vae", **load),
+            text_encoder=load_text_encoder(model / "text_encoder", **load),
+            tokenizer=load_tokenizer(model / "tokenizer"),
+            scheduler=make_scheduler("ddim", _scheduler_config(model)),
+        )
+    elif model.is_file():
+        pipe = Pipeline(
+            unet=load_unet(model, **load),
+            vae=load_vae(model, **load),
+            text_encoder=load_text_encoder(model, **load),
+            tokenizer=CLIPTokenizer.from_bpe_gz(WEIGHTS / "bpe_simple_vocab_16e6.txt.gz"),
+            scheduler=make_scheduler("ddim"),
+        )
+    else:
+        raise FileNotFoundError(f"model: {model} does not exist (expected a diffusers SD 1.x folder or a .safetensors/.ckpt file)")
+
+    if ip_adapter is not None:
+        pipe.ip_adapter = load_ip_adapter(ip_adapter, pipe.unet, **load)
+        attach_ip_adapter(pipe.unet, pipe.ip_adapter)
+        encoder_path = image_encoder or _first_existing(Path(ip_adapter).parent / "image_encoder", model / "image_encoder")
+        if encoder_path is None:
+            raise FileNotFoundError(
+                f"no image encoder for the IP-Adapter {ip_adapter}: pass image_encoder=FOLDER (a transformers "
+                f"CLIPVisionModelWithProjection folder; OpenCLIP ViT-H/14 for ip-adapter_sd15)"
+            )
+        pipe.image_encoder = load_image_encoder(encoder_path, **load)
+        _check_encoder_fits_adapter(pipe, encoder_path, ip_adapter)
+    elif image_encoder is not None:
+        pipe.image_encoder = load_image_encoder(image_encoder, **load)
+    return pipe
+
+
+def _scheduler_config(model: Path) -> ScheduleConfig:
+    path = model / "scheduler" / "scheduler_config.json"
+    return ScheduleConfig.from_json(path) if path.is_file() else ScheduleConfig.sd15()
+
+
+def _first_existing(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.exists()), None)
+
+
+def _check_encoder_fits_adapter(pipe: Pipeline, encoder_path, adapter_path) -> None:
+    width = pipe.image_encoder.config.projection_dim
+    wanted = pipe.ip_adapter.image_proj.proj.in_features
+    if width != wanted:
+        raise ValueError(
+            f"the image encoder at {encoder_path} gives {width}-wide image embeddings, but the IP-Adapter "
+            f"{adapter_path} expects {wanted}-wide ones"
+            + (" (ip-adapter_sd15 uses the OpenCLIP ViT-H/14 encoder, projection 1024)" if wanted == 1024 else "")
+        )
