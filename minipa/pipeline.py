@@ -19,7 +19,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection, load_image_encoder, load_text_encoder
+from minipa.clip import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPVisionModelWithProjection,
+    load_image_encoder,
+    load_text_encoder,
+    read_clip_config,
+)
 from minipa.config import read_json
 from minipa.ddim import DDIMScheduler
 from minipa.ddpm import NoiseSchedule, ScheduleConfig
@@ -28,8 +35,8 @@ from minipa.ip_adapter import IPAdapter, attach_ip_adapter, load_ip_adapter, set
 from minipa.preprocess import preprocess_image
 from minipa.schedulers import make_scheduler
 from minipa.tokenizer import CLIPTokenizer, load_tokenizer
-from minipa.unet import UNet2DConditionModel, load_unet
-from minipa.vae import AutoencoderKL, load_vae
+from minipa.unet import UNet2DConditionModel, UNetConfig, load_unet
+from minipa.vae import AutoencoderKL, VAEConfig, load_vae
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 TINY_MODEL = WEIGHTS / "tiny"
@@ -186,10 +193,13 @@ def load_pipeline(
     image_encoder: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    configs: str | Path | None = None,
 ) -> Pipeline:
     """Build a Pipeline from a diffusers SD 1.x folder, an original single-file checkpoint, or
     (model=None) the tiny model shipped in weights/. `ip_adapter` is an official IP-Adapter file;
-    its image encoder defaults to `image_encoder/` next to the adapter, then inside the model folder."""
+    its image encoder defaults to `image_encoder/` next to the adapter, then inside the model folder.
+    A single file carries no config: its models are SD 1.5's, unless `configs` names a diffusers
+    model folder whose `unet/`, `vae/` and `text_encoder/` config.json files describe them."""
     if model is None:
         if not (TINY_MODEL / "model_index.json").is_file():
             raise FileNotFoundError(
@@ -210,16 +220,27 @@ def load_pipeline(
             scheduler=make_scheduler("ddim", _scheduler_config(model)),
         )
     elif model.is_file():
+        unet_config = vae_config = text_config = None
+        if configs is not None:
+            configs = Path(configs)
+            unet_config = UNetConfig.from_json(configs / "unet" / "config.json")
+            vae_config = VAEConfig.from_json(configs / "vae" / "config.json")
+            text_config = read_clip_config(configs / "text_encoder" / "config.json", CLIPTextConfig, "clip_text_model")
         pipe = Pipeline(
-            unet=load_unet(model, **load),
-            vae=load_vae(model, **load),
-            text_encoder=load_text_encoder(model, **load),
+            unet=load_unet(model, config=unet_config, **load),
+            vae=load_vae(model, config=vae_config, **load),
+            text_encoder=load_text_encoder(model, config=text_config, **load),
             tokenizer=CLIPTokenizer.from_bpe_gz(WEIGHTS / "bpe_simple_vocab_16e6.txt.gz"),
             scheduler=make_scheduler("ddim"),
         )
     else:
         raise FileNotFoundError(f"model: {model} does not exist (expected a diffusers SD 1.x folder or a .safetensors/.ckpt file)")
 
+    if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise ValueError(
+            f"{model}: the UNet takes {pipe.unet.config.in_channels} input channels but the VAE makes "
+            f"{pipe.vae.config.latent_channels}-channel latents; inpainting UNets (9 channels) are not supported"
+        )
     if ip_adapter is not None:
         pipe.ip_adapter = load_ip_adapter(ip_adapter, pipe.unet, **load)
         attach_ip_adapter(pipe.unet, pipe.ip_adapter)

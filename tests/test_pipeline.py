@@ -205,3 +205,51 @@ def test_cli_help_documents_every_flag(capsys):
     for flag in ("--prompt", "--image-prompt", "--model", "--ip-adapter", "--image-encoder", "--scale", "--steps",
                  "--guidance", "--seed", "--out", "--overwrite", "--height", "--width", "--scheduler"):
         assert flag in text
+
+
+def test_single_file_checkpoint_gives_the_same_image_as_the_folder(tiny_world, ours_plain, latents, tmp_path):
+    """The tiny model written as one LDM-named file (minipa's key rules, proven against diffusers'
+    converters in test_unet/test_vae/test_clip) loads through load_pipeline like a real SD 1.5 .safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    from minipa import keymap
+
+    model = tiny_world["model"]
+    unet = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
+    vae = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
+    text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(model / "text_encoder" / "model.safetensors").items()}
+    single = {}
+    for state, rule in ((unet, keymap.ldm_unet_keys), (vae, keymap.ldm_vae_keys), (text, keymap.clip_text_ldm_keys)):
+        single.update({rule(state)[name]: tensor for name, tensor in state.items()})
+    save_file(single, tmp_path / "tiny-sd.safetensors")
+    pipe = minipa.load_pipeline(tmp_path / "tiny-sd.safetensors", configs=model)
+    assert np.array_equal(run_ours(pipe, latents), run_ours(ours_plain, latents))
+
+
+def test_image_encoder_of_the_wrong_width_is_named(tiny_world, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from conftest import TINY_VISION
+
+    wrong = tmp_path / "image_encoder"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY_VISION, "projection_dim": 24})).save_pretrained(wrong)
+    with pytest.raises(ValueError) as err:
+        minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_safetensors"], image_encoder=wrong)
+    assert "gives 24-wide image embeddings" in str(err.value) and "expects 48-wide" in str(err.value)
+
+
+def test_unreadable_image_prompt_is_a_clear_error(ours, tmp_path):
+    from minipa.preprocess import ImageInputError
+
+    (tmp_path / "notes.png").write_text("not an image")
+    for bad in (tmp_path / "notes.png", tmp_path / "missing.png"):
+        with pytest.raises(ImageInputError) as err:
+            ours(PROMPT, ip_image=bad, num_steps=1, progress=False)
+        assert bad.name in str(err.value)
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        minipa.load_pipeline(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="model_index.json"):
+        minipa.load_pipeline(tmp_path)
