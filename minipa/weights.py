@@ -176,3 +176,44 @@ def save_safetensors(module_or_state: nn.Module | Mapping[str, torch.Tensor], pa
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
+
+
+# ─── Integrity of shipped weights ────────────────────────────────────────────────────────────────
+
+MANIFEST = "SHA256SUMS"
+
+
+def sha256_of(path: str | Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_manifest(folder: str | Path, restore_hint: str = "") -> None:
+    """Check every file listed in `folder/SHA256SUMS` (sha256sum's format) exists with that hash.
+
+    Raises WeightsError naming each missing or changed file, plus `restore_hint` (how to get them back).
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    hint = f"\n{restore_hint}" if restore_hint else ""
+    if not manifest.is_file():
+        raise WeightsError(f"{folder}: no {MANIFEST} manifest, so the weights cannot be checked{hint}")
+    problems = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise WeightsError(f"{manifest}: line {number} is not '<sha256>  <path>': {line!r}{hint}")
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"  - {name}: missing")
+        elif sha256_of(path) != digest:
+            problems.append(f"  - {name}: sha256 mismatch (corrupted or changed; expected {digest[:12]}…)")
+    if problems:
+        raise WeightsError(f"{folder}: {len(problems)} file(s) do not match {MANIFEST}:\n" + "\n".join(problems) + hint)
