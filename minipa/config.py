@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -66,9 +68,43 @@ def config_from_dict(
                 problems.append(f"{key}={value!r} is not supported (minipa supports {allowed})")
         else:
             problems.append(f"{key}={value!r} is not a setting of {family}")
+    hints = typing.get_type_hints(cls)
+    problems += [
+        f"{name}={value!r} should be {_describe(hints[name])}" for name, value in values.items() if not _matches(value, hints[name])
+    ]
     if problems:
         raise ConfigError(f"{source}: this config is not one minipa can build as {family}:\n  - " + "\n  - ".join(problems))
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: invalid {family} config: {err}") from None
+
+
+def _matches(value, hint) -> bool:
+    """Does a JSON value fit a dataclass field's type (int, float, bool, str, tuples, optionals)?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arm) for arm in args)
+    if origin is tuple:
+        item = args[0] if args else Any
+        return isinstance(value, tuple) and all(_matches(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # anything richer is left to the dataclass's own checks
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arm) for arm in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(hint, str(hint))

@@ -41,7 +41,7 @@ from minipa.vae import AutoencoderKL, VAEConfig, load_vae
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 TINY_MODEL = WEIGHTS / "tiny"
 OUTPUTS = ("pil", "np", "latent")
-MAX_SIDE = 4096  # pixels; far beyond what SD 1.5 was trained for, and a guard against typos like 51200
+MAX_SIDE = 2048  # pixels: 4× SD 1.5's training size, and a guard against typos like 51200 running out of memory
 
 
 @dataclass
@@ -211,7 +211,8 @@ def load_pipeline(
     model = Path(model)
     load = dict(dtype=dtype, device=device)
     if model.is_dir():
-        read_json(model / "model_index.json", f"{model} (an SD 1.x model folder in diffusers layout)")
+        index = read_json(model / "model_index.json", f"{model} (an SD 1.x model folder in diffusers layout)")
+        _check_pipeline_class(model, index.get("_class_name", "StableDiffusionPipeline"))
         pipe = Pipeline(
             unet=load_unet(model / "unet", **load),
             vae=load_vae(model / "vae", **load),
@@ -255,6 +256,16 @@ def load_pipeline(
     elif image_encoder is not None:
         pipe.image_encoder = load_image_encoder(image_encoder, **load)
     return pipe
+
+
+def _check_pipeline_class(model: Path, name: str) -> None:
+    """Refuse model folders of other families early, with their name, before loading gigabytes."""
+    other = "an SDXL model" if "XL" in name else "an inpainting model" if "Inpaint" in name else None
+    if other or not name.startswith("StableDiffusion"):
+        raise ValueError(
+            f"{model}: model_index.json describes {other or name} ({name}); minipa loads SD 1.x text-to-image "
+            f"models (StableDiffusionPipeline)"
+        )
 
 
 def _scheduler_config(model: Path) -> ScheduleConfig:

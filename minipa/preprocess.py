@@ -35,8 +35,10 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageInputError(f"{path}: no such image file")
     try:
         with Image.open(path) as image:
-            image.load()
-            return image
+            image.seek(0)  # an animated image (GIF, WebP, …) is read as its first frame
+            return image.copy()  # a copy owns its pixels, so the file can be closed
+    except Image.DecompressionBombError as err:
+        raise ImageInputError(f"{path}: refused, the image is implausibly large ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ImageInputError(f"{path}: not an image file that PIL can read ({err})") from None
 
