@@ -37,6 +37,7 @@ from minipa.schedulers import make_scheduler
 from minipa.tokenizer import CLIPTokenizer, load_tokenizer
 from minipa.unet import UNet2DConditionModel, UNetConfig, load_unet
 from minipa.vae import AutoencoderKL, VAEConfig, load_vae
+from minipa.weights import TINY_RESTORE_HINT, verify_manifest
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 TINY_MODEL = WEIGHTS / "tiny"
@@ -206,6 +207,7 @@ def load_pipeline(
                 f"no model given and the tiny model is not in {TINY_MODEL} yet; pass model=PATH "
                 f"(a diffusers SD 1.5 folder or a single .safetensors/.ckpt file)"
             )
+        verify_manifest(TINY_MODEL, restore_hint=TINY_RESTORE_HINT)  # weights/tiny/SHA256SUMS: every file intact
         model = TINY_MODEL
         ip_adapter = ip_adapter or _first_existing(TINY_MODEL / "ip-adapter.safetensors")
     model = Path(model)

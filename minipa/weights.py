@@ -217,3 +217,10 @@ def verify_manifest(folder: str | Path, restore_hint: str = "") -> None:
             problems.append(f"  - {name}: sha256 mismatch (corrupted or changed; expected {digest[:12]}…)")
     if problems:
         raise WeightsError(f"{folder}: {len(problems)} file(s) do not match {MANIFEST}:\n" + "\n".join(problems) + hint)
+
+
+TINY_RESTORE_HINT = (
+    "To restore the shipped tiny model: `git checkout -- weights/tiny` (or clone minipa again). "
+    "To retrain it from nothing (under an hour on 2 CPU cores): "
+    "`OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m minipa.train --out weights/tiny --work runs/tiny`."
+)
