@@ -107,7 +107,7 @@ class Pipeline:
     ):
         """Generate one image per prompt. See the README for every argument; returns PIL images,
         a (B, H, W, 3) float array in [0, 1] ("np"), or the final latents ("latent")."""
-        native = self.unet.config.sample_size * 8  # the resolution the model was trained at: 512 for SD 1.5
+        native = (self.unet.config.sample_size or 64) * 8  # the resolution the model was trained at: 512 for SD 1.5
         height, width = height or native, width or native
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)

@@ -77,7 +77,7 @@ class UNetConfig:
 
     in_channels: int = 4
     out_channels: int = 4
-    sample_size: int = 64  # latent side the model was trained at (512 px / 8); informative only
+    sample_size: int | None = 64  # latent side the model was trained at (512 px / 8); informative only
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
     up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3

@@ -1,0 +1,18 @@
+"""The benchmark runs end to end in smoke mode (tiny weights), so it cannot rot between real runs."""
+
+import importlib.util
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+def test_benchmark_smoke_mode_writes_its_tables(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--smoke", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out"), "--threads", "1"])
+    for row in ("load_s", "peak_memory_mb", "unet_step", "vae_decode", "text_encode", "image_encode", "end_to_end", "unet_64px_b1"):
+        assert report["rows"][row]["minipa"] > 0 and report["rows"][row]["diffusers"] > 0, row
+    table = (tmp_path / "out" / "smoke.md").read_text()
+    assert "| unet_step |" in table and "minipa / diffusers" in table
+    assert (tmp_path / "out" / "smoke.json").exists()
