@@ -94,10 +94,12 @@ def make_betas(config: ScheduleConfig) -> torch.Tensor:
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     """Sample x_t ~ q(x_t | x0) in one jump; `t` is (B,) integer timesteps, x0/noise are (B, …)."""
+    # BEGIN ASSIGNMENT 1
     abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
     abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1) broadcasts over C, H, W
     # x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε   (seed eq. 1; the seed's α_t is this ᾱ_t)
     return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+    # END ASSIGNMENT 1
 
 
 def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,9 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
     `target` is the ε that `add_noise` used (or v, for v-prediction models).
     """
+    # BEGIN ASSIGNMENT 2
     return ((target.float() - prediction.float()) ** 2).mean()
+    # END ASSIGNMENT 2
 
 
 class StepOutput(NamedTuple):

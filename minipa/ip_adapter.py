@@ -38,9 +38,11 @@ class ImageProjection(nn.Module):
         self.norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        # BEGIN ASSIGNMENT 7
         tokens = self.proj(image_embeds)  # (B, N·D)
         tokens = tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)  # (B, N, D)
         return self.norm(tokens)
+        # END ASSIGNMENT 7
 
 
 class ImageKeyValue(nn.Module):
@@ -54,10 +56,12 @@ class ImageKeyValue(nn.Module):
 
 def decoupled_attention(q, k, v, k_ip, v_ip, scale: float) -> torch.Tensor:
     """Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′   (seed §3.2.2). All (B, heads, L, d); λ = 0 is plain attention."""
+    # BEGIN ASSIGNMENT 8
     text = attention(q, k, v)
     if scale == 0:
         return text  # skip the image branch: λ = 0 is exactly plain SD
     return text + scale * attention(q, k_ip, v_ip)
+    # END ASSIGNMENT 8
 
 
 class DecoupledCrossAttention(Attention):
