@@ -47,7 +47,94 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    _add_course(commands)
+    _add_train_and_eval(commands)
     return parser
+
+
+def _add_train_and_eval(commands) -> None:
+    train = commands.add_parser(
+        "train", help="retrain the tiny world (CLIP, VAE, UNet, IP-Adapter) from nothing",
+        description="Train every model of the tiny world and write them, in the diffusers/transformers/IP-Adapter "
+        "formats, to --out. Also runs under torchrun (DistributedDataParallel).",
+    )
+    train.add_argument("--out", default="weights/tiny", help="where the trained model goes (default weights/tiny)")
+    train.add_argument("--work", default="runs/tiny", help="checkpoints, losses and timings (default runs/tiny)")
+    train.add_argument("--stages", default="all", help="comma-separated subset of clip,vae,unet,ip,classifier,ablation (default all)")
+    train.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one bit for bit")
+    train.add_argument("--preset", choices=("tiny", "smoke"), default="tiny", help="tiny: what ships; smoke: seconds, for tests")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+    ev = commands.add_parser("eval", help="evaluate the tiny world (Table 1 in miniature)",
+                             description="Generate from held-out prompts and images and judge them with an independent "
+                             "classifier and the tiny CLIP. Prints a Markdown table; --json writes every number.")
+    ev.add_argument("--model", default=None, help="a tiny-world model folder (default weights/tiny)")
+    ev.add_argument("--work", default=None, help="a training work folder, for the concatenation ablation's weights")
+    ev.add_argument("-n", type=int, default=64, help="prompts/images per row (default 64)")
+    ev.add_argument("--guidance", type=float, default=5.0, help="CFG scale w (default 5)")
+    ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
+    ev.add_argument("--examples", metavar="FILE.png", help="write example generations as one PNG")
+    ev.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def train(args) -> int:
+    from minipa.train.world import STAGES, WorldConfig, train_world
+
+    stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
+    config = WorldConfig.tiny() if args.preset == "tiny" else WorldConfig.smoke()
+    summary = train_world(config, args.out, args.work, stages=stages, resume=args.resume, progress=not args.no_progress)
+    if summary:
+        print(json.dumps({k: v for k, v in summary.items() if k != "domain"}, indent=2))
+    return 0
+
+
+def evaluate(args) -> int:
+    from minipa.eval import evaluate as run_eval, format_table, save_examples
+    from minipa.pipeline import TINY_MODEL, load_pipeline
+    from minipa.train.world import EVAL_FILE, load_concat_projection
+
+    folder = Path(args.model) if args.model else TINY_MODEL
+    pipe = load_pipeline(args.model)
+    concat = load_concat_projection(args.work, pipe) if args.work else None
+    settings = {"n": args.n, "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
+    started = time.perf_counter()
+    rows = run_eval(pipe, folder / EVAL_FILE, n=args.n, guidance=args.guidance, steps=args.steps, seed=args.seed, concat_proj=concat)
+    settings["seconds"] = round(time.perf_counter() - started, 1)
+    print(format_table(rows, settings))
+    if args.examples:
+        save_examples(rows, args.examples)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings, **{k: v for k, v in rows.items() if not k.startswith("_")}},
+                                              indent=2) + "\n")
+    return 0
+
+
+def _add_course(commands) -> None:
+    course = commands.add_parser("course", help="course assignments: hand out a copy with solutions cut out, grade it",
+                                 description="See assignments/README.md in a student copy.")
+    steps = course.add_subparsers(dest="course_command", required=True)
+    make = steps.add_parser("make-student", help="write a student copy: each assignment's region replaced by a NotImplementedError")
+    make.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) folder")
+    grade = steps.add_parser("grade", help="run each assignment's grading tests; print a score table (exit 0 only at full marks)")
+    grade.add_argument("directory", nargs="?", default=".", metavar="DIR", help="the copy to grade (default: here)")
+    grade.add_argument("--json", action="store_true", help="print the scores and every test's outcome as JSON")
+    for sub in (make, grade):
+        sub.add_argument("-a", "--assignment", type=int, action="append", metavar="N", help="only assignment N (repeatable)")
+    course.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def course(args) -> int:
+    from minipa.course import grade, make_student
+
+    if args.course_command == "make-student":
+        out = make_student(args.out_dir, only=args.assignment)
+        print(f"wrote a student copy to {out}; the course is in {out / 'assignments' / 'README.md'}")
+        return 0
+    summary = grade(args.directory, json=args.json, only=args.assignment)
+    return 0 if summary["points"] == summary["max_points"] else 1
 
 
 def _scale(text: str):
@@ -116,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "course":
+            return course(args)
+        if args.command == "train":
+            return train(args)
+        if args.command == "eval":
+            return evaluate(args)
     except KeyboardInterrupt:
         print("minipa: interrupted; nothing was written", file=sys.stderr)
         return 130

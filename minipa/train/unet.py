@@ -1,0 +1,74 @@
+"""Stage 3: the tiny UNet, trained with the ε-loss of seed eq. 1 on frozen VAE latents and frozen
+tiny-CLIP text features.
+
+    z  = s·(μ + σ·ε_z)                         a fresh sample of q(z|x), scaled (s = vae scaling_factor)
+    t  ~ U{0, …, T−1},  ε ~ N(0, I)
+    x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε                   (seed eq. 1, `add_noise`)
+    L  = ‖ε − ε_θ(x_t, c, t)‖²                  (seed eq. 1, `diffusion_loss`)
+
+c is the caption's text tokens, replaced by the empty caption's 10% of the time, so that the same
+network also predicts ε_θ(x_t, t) for classifier-free guidance (seed eq. 2).
+The VAE and the text encoder are frozen: their outputs are computed once, before training
+(`DiffusionData`), which is most of what makes this stage affordable on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minipa.ddpm import NoiseSchedule, add_noise, diffusion_loss
+from minipa.train.trainer import TrainingModule
+from minipa.unet import UNet2DConditionModel
+
+EMPTY_CAPTION_RATE = 0.1
+
+
+@dataclass
+class DiffusionData:
+    """Frozen-model outputs for every training image, computed once."""
+
+    latent_mean: torch.Tensor  # (N, 4, 8, 8), unscaled
+    latent_std: torch.Tensor  # (N, 4, 8, 8)
+    scaling_factor: float
+    text: torch.Tensor  # (C + 1, 77, D): the text tokens of each distinct caption; the last row is ""
+    caption_index: torch.Tensor  # (N,) row of `text` for each image
+    image_embeds: torch.Tensor | None = None  # (N, E): tiny-CLIP image embeddings, for IP-Adapter
+
+    @property
+    def empty(self) -> int:
+        return len(self.text) - 1
+
+
+class UNetTraining(TrainingModule):
+    def __init__(self, unet: UNet2DConditionModel, data: DiffusionData, empty_caption_rate: float = EMPTY_CAPTION_RATE):
+        super().__init__()
+        self.unet, self.data, self.empty_caption_rate = unet, data, empty_caption_rate
+        self.alphas_cumprod = NoiseSchedule().alphas_cumprod  # SD 1.5's schedule (scaled_linear, T = 1000)
+
+    def draw(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        """The randomness every diffusion stage shares: images, posterior noise, t, ε."""
+        d = self.data
+        index = torch.randint(len(d.latent_mean), (size,), generator=generator)
+        return {
+            "index": index,
+            "latent_noise": torch.randn((size, *d.latent_mean.shape[1:]), generator=generator),
+            "t": torch.randint(len(self.alphas_cumprod), (size,), generator=generator),
+            "noise": torch.randn((size, *d.latent_mean.shape[1:]), generator=generator),
+            "u": torch.rand(size, generator=generator),  # decides which conditions are dropped
+        }
+
+    def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        b = self.draw(generator, size)
+        b["caption"] = torch.where(b["u"] < self.empty_caption_rate, self.data.empty, self.data.caption_index[b["index"]])
+        return b
+
+    def noisy_latents(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        d = self.data
+        z = d.scaling_factor * (d.latent_mean[b["index"]] + d.latent_std[b["index"]] * b["latent_noise"])  # (B, 4, 8, 8)
+        return add_noise(z, b["noise"], b["t"], self.alphas_cumprod)  # x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε   (seed eq. 1)
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        eps = self.unet(self.noisy_latents(b), b["t"], self.data.text[b["caption"]])
+        return diffusion_loss(eps, b["noise"])  # ‖ε − ε_θ(x_t, c, t)‖²   (seed eq. 1)

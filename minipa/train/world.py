@@ -1,0 +1,371 @@
+"""The tiny world from nothing: one command trains CLIP → VAE → UNet → IP-Adapter and writes weights/tiny.
+
+    python -m minipa.train --out weights/tiny --work runs/tiny          # or: minipa train …
+    torchrun --nproc_per_node 2 -m minipa.train --out … --work …        # the same, data-parallel
+
+Each stage reads the models it freezes back from `--out` through minipa's own loaders (the fp16
+files that ship), so every later stage trains against exactly the weights users get. Stage state
+lives in `--work`: `<stage>/checkpoint.pt` (atomic, resumable) and `<stage>/done.json` (metrics and
+training time). `--resume` skips finished stages and continues an interrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, load_image_encoder, load_text_encoder
+from minipa.data.shapes import ShapesDataset, caption_table, clip_pixels, describe_domain, scene_labels, tiny_tokenizer
+from minipa.ddpm import ScheduleConfig
+from minipa.ip_adapter import IPAdapter
+from minipa.tokenizer import load_tokenizer
+from minipa.train import export
+from minipa.train.clip import CLIPTraining, retrieval_accuracy
+from minipa.train.ip_adapter import IPAdapterTraining
+from minipa.train.trainer import Schedule, distributed, fit
+from minipa.train.unet import DiffusionData, UNetTraining
+from minipa.train.vae import VAETraining, encode_all, psnr
+from minipa.unet import UNetConfig, load_unet
+from minipa.vae import VAEConfig, load_vae
+from minipa.weights import save_safetensors, sha256_of
+
+STAGES = ("clip", "clip_image", "vae", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
+EXTRA_STAGES = ("ablation",)  # experiments for the model card, run on request
+EVAL_FILE = "eval.safetensors"  # CLIP's text projection and the evaluation classifier (not part of SD)
+
+
+@dataclass
+class WorldConfig:
+    """Every size and budget of the tiny world. `tiny()` is what ships; `smoke()` is for tests."""
+
+    seed: int = 0
+    train_images: int = 10_000
+    eval_images: int = 512  # held-out images for each stage's own check (retrieval, PSNR, classifier accuracy)
+    text: CLIPTextConfig = field(default_factory=lambda: CLIPTextConfig(
+        vocab_size=len(tiny_tokenizer().vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, projection_dim=64))
+    vision: CLIPVisionConfig = field(default_factory=lambda: CLIPVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=28,
+        projection_dim=64))
+    vae: VAEConfig = field(default_factory=lambda: VAEConfig(
+        block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64))
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig(
+        block_out_channels=(64, 128, 128), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+        attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16, sample_size=8))
+    ip_tokens: int = 4
+    text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
+    clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=500, batch_size=128, lr=2e-3, weight_decay=0.1))
+    clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
+    vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=16, lr=1e-3))
+    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=1e-3, ema=0.995))
+    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2500, batch_size=64, lr=1e-3, weight_decay=0.01))
+    classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=400, batch_size=64, lr=2e-3))
+
+    @classmethod
+    def tiny(cls) -> "WorldConfig":
+        return cls()
+
+    @classmethod
+    def smoke(cls, steps: int = 3) -> "WorldConfig":
+        """The same pipeline at toy size and a few steps: for tests (seconds, not minutes)."""
+        def quick(s: Schedule, batch: int) -> Schedule:
+            return dataclasses.replace(s, steps=steps, batch_size=batch, warmup=1, checkpoint_every=2)
+
+        base = cls()
+        return dataclasses.replace(
+            base, train_images=32, eval_images=16,
+            text=dataclasses.replace(base.text, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+            vision=dataclasses.replace(base.vision, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                       projection_dim=16),
+            vae=dataclasses.replace(base.vae, block_out_channels=(8, 8, 8, 8), norm_num_groups=4),
+            unet=dataclasses.replace(base.unet, block_out_channels=(16, 16, 16), attention_head_dim=2, cross_attention_dim=32,
+                                     norm_num_groups=4),
+            clip_schedule=quick(base.clip_schedule, 8), clip_image_schedule=quick(base.clip_image_schedule, 8), vae_schedule=quick(base.vae_schedule, 4),
+            unet_schedule=quick(base.unet_schedule, 8), ip_schedule=quick(base.ip_schedule, 8),
+            classifier_schedule=quick(base.classifier_schedule, 8),
+        )
+
+
+class World:
+    """Runs the stages of one `WorldConfig` between a work folder and an output (weights) folder."""
+
+    def __init__(self, config: WorldConfig, out: str | Path, work: str | Path, *, resume: bool = False, progress: bool = True):
+        self.config, self.out, self.work = config, Path(out), Path(work)
+        self.resume, self.progress = resume, progress
+        self.rank, self.world_size = distributed()
+        self._train = None
+
+    # ── shared data ─────────────────────────────────────────────────────────────────────────────
+    @property
+    def train_set(self) -> dict:
+        """The training images (rendered once), their scenes and caption table."""
+        if self._train is None:
+            dataset = ShapesDataset("train", self.config.train_images, self.config.seed)
+            scenes = dataset.scenes()
+            captions, index = caption_table(scenes)
+            self._train = {"images": dataset.images(), "scenes": scenes, "captions": captions, "caption_index": index}
+        return self._train
+
+    def seeded(self, schedule: Schedule) -> Schedule:
+        return dataclasses.replace(schedule, seed=self.config.seed * 100 + schedule.seed)
+
+    # ── bookkeeping ─────────────────────────────────────────────────────────────────────────────
+    def done(self, stage: str) -> dict | None:
+        path = self.work / stage / "done.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _finish(self, stage: str, result: dict, metrics: dict) -> dict:
+        record = {"stage": stage, "seconds": round(result["seconds"], 1), "steps": len(result["losses"]),
+                  "final_loss": sum(result["losses"][-50:]) / max(1, len(result["losses"][-50:])), **metrics}
+        if self.rank == 0:
+            export.write_json(self.work / stage / "done.json", record)
+            losses = self.work / stage / "losses.json"
+            losses.write_text(json.dumps(result["losses"]))
+        self._barrier()
+        return record
+
+    def _barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _fit(self, stage: str, module, schedule: Schedule) -> dict:
+        checkpoint = self.work / stage / "checkpoint.pt"
+        if checkpoint.exists() and not self.resume:
+            raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or delete {self.work} to start over")
+        torch.manual_seed(self.config.seed)  # model initialisation is reproducible too
+        return fit(module, self.seeded(schedule), checkpoint, name=stage, resume=self.resume, progress=self.progress)
+
+    def run(self, stages=STAGES) -> dict[str, dict]:
+        records = {}
+        for stage in stages:
+            if stage not in STAGES + EXTRA_STAGES:
+                raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES + EXTRA_STAGES)}")
+            records[stage] = self.done(stage) if self.resume and self.done(stage) else getattr(self, f"stage_{stage}")()
+        if self.rank == 0 and (self.out / "model_index.json").is_file():
+            export.write_manifest(self.out)
+        return records
+
+    # ── the stages ──────────────────────────────────────────────────────────────────────────────
+    def stage_clip(self) -> dict:
+        data, cfg = self.train_set, self.config
+        tokenizer = tiny_tokenizer()
+        torch.manual_seed(cfg.seed)
+        module = CLIPTraining(CLIPTextModel(cfg.text), CLIPVisionModelWithProjection(cfg.vision), data["images"],
+                              tokenizer(data["captions"]), data["caption_index"])
+        _init_clip(module)
+        result = self._fit("clip", module, cfg.clip_schedule)
+        metrics = self._clip_metrics(module, tokenizer)
+        if self.rank == 0:
+            export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
+            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
+            export.save_tokenizer(tokenizer, self.out / "tokenizer")
+            save_safetensors({"text_projection.weight": module.text_projection.weight,
+                              "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / "clip" / "projection.safetensors")
+        return self._finish("clip", result, metrics)
+
+    def stage_clip_image(self) -> dict:
+        """Phase 2 of CLIP: the image tower alone, against the locked text tower (see train/clip.py)."""
+        from safetensors.torch import load_file
+
+        data, cfg = self.train_set, self.config
+        tokenizer = load_tokenizer(self.out / "tokenizer")
+        module = CLIPTraining(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
+                              load_image_encoder(self.out / "image_encoder", dtype=torch.float32), data["images"],
+                              tokenizer(data["captions"]), data["caption_index"])
+        extra = load_file(str(self.work / "clip" / "projection.safetensors"))
+        with torch.no_grad():
+            module.text_projection.weight.copy_(extra["text_projection.weight"])
+            module.logit_scale.copy_(extra["logit_scale"][0])
+        module.freeze_text()
+        result = self._fit("clip_image", module, cfg.clip_image_schedule)
+        metrics = self._clip_metrics(module, tokenizer)
+        if self.rank == 0:
+            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
+        return self._finish("clip_image", result, metrics)
+
+    def _clip_metrics(self, module: CLIPTraining, tokenizer) -> dict:
+        test = ShapesDataset("test", self.config.eval_images, self.config.seed)
+        test_captions, test_index = caption_table(test.scenes())  # candidates: every distinct test caption
+        accuracy = retrieval_accuracy(module.eval(), test.images(), tokenizer(test_captions), test_index)
+        return {"image_to_caption_top1_test": accuracy, "candidates": len(test_captions)}
+
+    def stage_vae(self) -> dict:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        vae = VAETraining(_init_vae(cfg.vae), self.train_set["images"])
+        result = self._fit("vae", vae, cfg.vae_schedule)
+        model = vae.vae.eval()
+        mean, std = encode_all(model, self.train_set["images"][:2048])
+        z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
+        scaling = round(1.0 / float(z.std()), 5)  # LDM's rule: unit-variance latents for the UNet
+        model.config = dataclasses.replace(model.config, scaling_factor=scaling)
+        model.scaling_factor = scaling
+        metrics = {"psnr_test": psnr(model, ShapesDataset("test", cfg.eval_images, cfg.seed).images()), "scaling_factor": scaling}
+        if self.rank == 0:
+            export.save_vae(model, self.out / "vae")
+        return self._finish("vae", result, metrics)
+
+    def diffusion_data(self) -> DiffusionData:
+        """Latents (frozen VAE), text tokens (frozen text encoder) and image embeddings (frozen image
+        encoder) of every training image: computed once (each process its share), cached in --work."""
+        frozen = [self.out / "vae" / "diffusion_pytorch_model.safetensors", self.out / "text_encoder" / "model.safetensors",
+                  self.out / "image_encoder" / "model.safetensors"]
+        key = [sha256_of(p) for p in frozen]
+        cache = self.work / "diffusion_data.pt"
+        if cache.is_file():
+            state = torch.load(cache, weights_only=True)
+            if state["key"] == key:
+                return DiffusionData(**state["data"])
+        data = self.train_set
+        vae = load_vae(self.out / "vae", dtype=torch.float32)
+        image_encoder = load_image_encoder(self.out / "image_encoder", dtype=torch.float32)
+
+        def rows(lo: int, hi: int) -> torch.Tensor:  # (hi − lo, 2·4 + E/64, 8, 8): mean, std, and the embedding folded in
+            mean, std = encode_all(vae, data["images"][lo:hi])
+            embeds = image_embeddings(image_encoder, data["images"][lo:hi])
+            return torch.cat([mean.flatten(1), std.flatten(1), embeds], dim=1)
+
+        packed = self._split_rows(rows, len(data["images"]))
+        latent = torch.Size((vae.config.latent_channels, *encode_all(vae, data["images"][:1])[0].shape[2:]))
+        mean, std, embeds = packed.split([latent.numel(), latent.numel(), packed.shape[1] - 2 * latent.numel()], dim=1)
+        text_encoder = load_text_encoder(self.out / "text_encoder", dtype=torch.float32)
+        with torch.no_grad():
+            text = text_encoder(load_tokenizer(self.out / "tokenizer")(data["captions"] + [""]))  # (C + 1, 77, D)
+        fields = {"latent_mean": mean.reshape(-1, *latent).contiguous(), "latent_std": std.reshape(-1, *latent).contiguous(),
+                  "scaling_factor": vae.config.scaling_factor, "text": text, "caption_index": data["caption_index"],
+                  "image_embeds": embeds.contiguous()}
+        if self.rank == 0:
+            from minipa.train.trainer import save_atomically
+
+            save_atomically({"key": key, "data": fields}, cache)
+        return DiffusionData(**fields)
+
+    def _split_rows(self, fn, n: int) -> torch.Tensor:
+        """fn(lo, hi) → rows lo…hi−1 of a table; each process computes its share, all_gather joins them."""
+        if self.world_size == 1:
+            return fn(0, n)
+        share = -(-n // self.world_size)
+        lo, hi = self.rank * share, min(n, (self.rank + 1) * share)
+        part = fn(lo, hi)
+        part = torch.cat([part, part.new_zeros(share - len(part), *part.shape[1:])])  # equal sizes for all_gather
+        parts = [torch.empty_like(part) for _ in range(self.world_size)]
+        dist.all_gather(parts, part)
+        return torch.cat(parts)[:n]
+
+    def stage_unet(self) -> dict:
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        from minipa.unet import UNet2DConditionModel
+
+        module = UNetTraining(UNet2DConditionModel(cfg.unet), self.diffusion_data())
+        result = self._fit("unet", module, cfg.unet_schedule)
+        if self.rank == 0:
+            export.save_unet(module.unet, self.out / "unet")
+            export.save_scheduler(ScheduleConfig.sd15(), self.out / "scheduler")
+            export.save_model_index(self.out)
+        return self._finish("unet", result, {})
+
+    def _adapter_module(self, variant: str) -> IPAdapterTraining:
+        cfg = self.config
+        unet = load_unet(self.out / "unet", dtype=torch.float32)
+        data = self.diffusion_data()
+        torch.manual_seed(cfg.seed)
+        adapter = IPAdapter.for_unet(unet, image_embed_dim=data.image_embeds.shape[1], num_tokens=cfg.ip_tokens)
+        adapter.init_from_text_attention(unet)  # Wk′ ← Wk, Wv′ ← Wv   (seed §3.2.2)
+        return IPAdapterTraining(unet, adapter, data, text_drop=cfg.text_drop, variant=variant)
+
+    def stage_ip(self) -> dict:
+        module = self._adapter_module("decoupled")
+        result = self._fit("ip", module, self.config.ip_schedule)
+        if self.rank == 0:
+            export.save_ip_adapter(module.adapter, self.out / "ip-adapter.safetensors")
+        return self._finish("ip", result, {"text_drop": self.config.text_drop, "tokens": self.config.ip_tokens})
+
+    def stage_ablation(self) -> dict:
+        """The concatenation baseline, with the IP-Adapter's budget (only image_proj trains)."""
+        module = self._adapter_module("concat")
+        result = self._fit("ablation", module, self.config.ip_schedule)
+        if self.rank == 0:
+            save_safetensors(module.adapter.image_proj, self.work / "ablation" / "concat_image_proj.safetensors")
+        return self._finish("ablation", result, {"variant": "concat"})
+
+    def stage_classifier(self) -> dict:
+        from minipa.eval import ClassifierTraining, ShapeClassifier, classifier_accuracy
+
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        module = ClassifierTraining(ShapeClassifier(), self.train_set["images"], scene_labels(self.train_set["scenes"]))
+        result = self._fit("classifier", module, cfg.classifier_schedule)
+        test = ShapesDataset("heldout", cfg.eval_images, cfg.seed)
+        metrics = {"accuracy_heldout": classifier_accuracy(module.classifier.eval(), test.images(), scene_labels(test.scenes()))}
+        if self.rank == 0:
+            state = {f"classifier.{k}": v for k, v in module.classifier.state_dict().items()}
+            projection = self.work / "clip" / "projection.safetensors"
+            if projection.is_file():
+                from safetensors.torch import load_file
+
+                state.update(load_file(str(projection)))
+            save_safetensors(state, self.out / EVAL_FILE, dtype=torch.float16)
+        return self._finish("classifier", result, metrics)
+
+
+@torch.no_grad()
+def image_embeddings(image_encoder: CLIPVisionModelWithProjection, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 → (N, E) global image embeddings (seed §3.2.1), unnormalised as IP-Adapter reads them."""
+    return torch.cat([image_encoder(clip_pixels(images[i : i + batch])).image_embeds for i in range(0, len(images), batch)])
+
+
+def _init_clip(module: CLIPTraining) -> None:
+    """CLIP's initialisation, roughly: small normal weights for embeddings and projections."""
+    for name, p in module.named_parameters():
+        if name.endswith("logit_scale"):
+            continue
+        if "norm" in name:
+            torch.nn.init.ones_(p) if name.endswith("weight") else torch.nn.init.zeros_(p)
+        elif p.ndim >= 2 or name.endswith("class_embedding"):
+            torch.nn.init.normal_(p, std=0.02)
+        else:
+            torch.nn.init.zeros_(p)
+
+
+def _init_vae(config: VAEConfig):
+    from minipa.vae import AutoencoderKL
+
+    return AutoencoderKL(config)  # PyTorch's default initialisation of every layer
+
+
+def train_world(config: WorldConfig, out, work, *, stages=STAGES, resume=False, progress=True) -> dict:
+    started = time.perf_counter()
+    world = World(config, out, work, resume=resume, progress=progress)
+    records = world.run(stages)
+    if world.rank == 0:
+        total = sum(r["seconds"] for r in records.values())
+        summary = {"domain": json.loads(describe_domain()), "stages": records, "training_seconds": round(total, 1),
+                   "wall_seconds": round(time.perf_counter() - started, 1), "processes": world.world_size,
+                   "threads": torch.get_num_threads()}
+        export.write_json(Path(work) / "summary.json", summary)
+        return summary
+    return {}
+
+
+def load_concat_projection(work, pipe):
+    """The ablation's trained image_proj (from a work folder), or None if that stage has not run."""
+    from minipa.ip_adapter import ImageProjection
+    from minipa.weights import Checkpoint, load_weights
+
+    path = Path(work) / "ablation" / "concat_image_proj.safetensors"
+    if not path.is_file():
+        return None
+    ckpt = Checkpoint(path)
+    tokens = ckpt.shape("proj.weight")[0] // pipe.unet.config.cross_attention_dim
+    with torch.device("meta"):
+        proj = ImageProjection(ckpt.shape("proj.weight")[1], pipe.unet.config.cross_attention_dim, tokens)
+    load_weights(proj, ckpt, {k: k for k in ckpt.keys()}, family="the concatenation ablation's image_proj")
+    return proj.eval()

@@ -1,0 +1,233 @@
+"""Training: the shared loop (determinism, atomic checkpoints, bit-for-bit resume, DDP), each stage's
+recipe, and the export formats (loaded back by minipa *and* by diffusers/transformers)."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minipa.data.shapes import ShapesDataset, scene_labels
+from minipa.eval import ClassifierTraining, ShapeClassifier
+from minipa.ip_adapter import IPAdapter
+from minipa.train.ip_adapter import IPAdapterTraining
+from minipa.train.trainer import CheckpointError, Schedule, fit, step_generator
+from minipa.train.unet import DiffusionData
+from minipa.train.world import STAGES, WorldConfig, train_world
+from minipa.unet import UNet2DConditionModel
+from minipa.weights import WeightsError, verify_manifest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _classifier_module(seed=0):
+    data = ShapesDataset("train", 16)
+    torch.manual_seed(seed)
+    return ClassifierTraining(ShapeClassifier(width=8), data.images(), scene_labels(data.scenes()))
+
+
+SCHEDULE = Schedule(steps=6, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=2, ema=0.9)
+
+
+class Interrupting(ClassifierTraining):
+    """Raises KeyboardInterrupt (as Ctrl-C would) when asked for the batch of step `at`."""
+
+    at = 3
+
+    def batch(self, generator, size):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls > self.at:
+            raise KeyboardInterrupt
+        return super().batch(generator, size)
+
+
+def test_resume_after_interrupt_is_bit_for_bit(tmp_path):
+    straight = _classifier_module()
+    reference = fit(straight, SCHEDULE, tmp_path / "a.pt", name="cls", progress=False)
+
+    interrupted = _classifier_module()
+    interrupted.__class__ = Interrupting
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, SCHEDULE, tmp_path / "b.pt", name="cls", progress=False)
+    saved = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert saved["step"] == 2  # the checkpoint of step 2 is intact; step 3 never completed
+    assert not (tmp_path / "b.pt.tmp").exists()
+
+    resumed = _classifier_module(seed=123)  # a different init: everything must come from the checkpoint
+    result = fit(resumed, SCHEDULE, tmp_path / "b.pt", name="cls", resume=True, progress=False)
+    assert result["losses"] == reference["losses"]
+    for name, value in reference["ema"].items():
+        assert torch.equal(result["ema"][name], value), name
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_randomness_comes_only_from_seed_and_step():
+    module = _classifier_module()
+    a, b = module.batch(step_generator(0, 5), 4), module.batch(step_generator(0, 5), 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(module.batch(step_generator(0, 6), 4)["noise"], a["noise"])
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    fit(_classifier_module(), dataclasses.replace(SCHEDULE, steps=2), tmp_path / "c.pt", name="cls", progress=False)
+    with pytest.raises(CheckpointError, match="would not continue the same run"):
+        fit(_classifier_module(), dataclasses.replace(SCHEDULE, steps=2, lr=5e-4), tmp_path / "c.pt", name="cls",
+            resume=True, progress=False)
+
+
+def test_learning_rate_warms_up_then_decays():
+    s = Schedule(steps=100, batch_size=1, lr=1.0, warmup=10, final_lr_fraction=0.1)
+    assert s.lr_at(0) == pytest.approx(0.1) and s.lr_at(9) == pytest.approx(1.0)
+    assert s.lr_at(10) == pytest.approx(1.0) and s.lr_at(99) == pytest.approx(0.1, abs=1e-3)
+
+
+def _adapter_setup(**rates):
+    config = WorldConfig.smoke().unet
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(config)
+    n = 32
+    data = DiffusionData(torch.randn(n, 4, 8, 8), torch.full((n, 4, 8, 8), 0.1), 0.5, torch.randn(5, 77, 32),
+                         torch.randint(0, 4, (n,)), torch.randn(n, 16))
+    adapter = IPAdapter.for_unet(unet, 16, 4)
+    adapter.init_from_text_attention(unet)
+    return unet, adapter, IPAdapterTraining(unet, adapter, data, **rates)
+
+
+def test_ip_adapter_recipe_trains_only_the_adapter_from_text_weights():
+    unet, adapter, module = _adapter_setup()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {f"adapter.{n}" for n, _ in adapter.named_parameters()}
+    first = adapter.ip_adapter["1"]
+    assert torch.equal(first.to_k_ip.weight, unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight)
+    frozen = {n: p.clone() for n, p in unet.named_parameters() if "_ip" not in n}
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    module(module.batch(step_generator(0, 0), 4)).backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in unet.named_parameters() if n in frozen)
+    assert not torch.equal(first.to_k_ip.weight, unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight)
+
+
+def test_condition_dropping_rates():
+    _, _, module = _adapter_setup(image_drop=0.05, text_drop=0.45, both_drop=0.05)
+    b = module.batch(step_generator(0, 0), 20_000)
+    no_text = b["caption"] == module.data.empty
+    no_image = b["keep_image"] == 0
+    assert float((no_image & ~no_text).float().mean()) == pytest.approx(0.05, abs=0.01)
+    assert float((no_text & ~no_image).float().mean()) == pytest.approx(0.45, abs=0.015)
+    assert float((no_text & no_image).float().mean()) == pytest.approx(0.05, abs=0.01)
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        _adapter_setup(image_drop=0.5, text_drop=0.5, both_drop=0.5)
+
+
+@pytest.fixture(scope="module")
+def smoke_world(tmp_path_factory):
+    """Every stage of the tiny world, at toy size, 3 steps each (the same code as the real run)."""
+    root = tmp_path_factory.mktemp("world")
+    summary = train_world(WorldConfig.smoke(), root / "out", root / "work", stages=STAGES + ("ablation",), progress=False)
+    return root, summary
+
+
+def test_the_whole_world_trains_and_exports_in_the_real_formats(smoke_world):
+    root, summary = smoke_world
+    out = root / "out"
+    assert set(summary["stages"]) == set(STAGES) | {"ablation"}
+    assert all(r["steps"] == 3 for r in summary["stages"].values())
+    for f in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+              "text_encoder/model.safetensors", "image_encoder/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+              "scheduler/scheduler_config.json", "ip-adapter.safetensors", "eval.safetensors", "SHA256SUMS"):
+        assert (out / f).is_file(), f
+    verify_manifest(out)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "ip-adapter.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert {"image_proj.proj.weight", "image_proj.norm.weight", "ip_adapter.1.to_k_ip.weight"} <= keys
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in keys)
+
+
+def test_exported_world_loads_and_generates_through_load_pipeline(smoke_world):
+    from minipa.pipeline import load_pipeline
+
+    out = smoke_world[0] / "out"
+    pipe = load_pipeline(out, ip_adapter=out / "ip-adapter.safetensors")  # image_encoder/: found beside the adapter
+    assert pipe.ip_adapter is not None and pipe.image_encoder is not None
+    image = pipe("a small red star on a blue background", ip_image=ShapesDataset("test", 1).images()[0].numpy(),
+                 ip_scale=0.5, num_steps=2, progress=False)[0]
+    assert image.size == (64, 64)
+
+
+def test_exported_world_matches_diffusers_and_transformers(smoke_world):
+    """The export is the real format: the reference libraries load it and compute what minipa computes."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    from minipa.pipeline import load_pipeline
+
+    out = smoke_world[0] / "out"
+    pipe = load_pipeline(out, ip_adapter=out / "ip-adapter.safetensors")
+    torch.manual_seed(0)
+    ids = pipe.tokenizer(["a large green circle on a red background", ""])
+    text_ref = transformers.CLIPTextModel.from_pretrained(out / "text_encoder", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (text_ref(ids).last_hidden_state - pipe.text_encoder(ids)).abs().max() < 1e-4
+        pixels = torch.randn(2, 3, 224, 224)
+        vision_ref = transformers.CLIPVisionModelWithProjection.from_pretrained(out / "image_encoder", torch_dtype=torch.float32)
+        assert (vision_ref.eval()(pixels).image_embeds - pipe.image_encoder(pixels).image_embeds).abs().max() < 1e-4
+        unet_ref = diffusers.UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).eval()
+        x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+        pipe.unet.eval()
+        from minipa.ip_adapter import set_ip_scale
+
+        set_ip_scale(pipe.unet, 0.0)
+        assert (unet_ref(x, 500, context).sample - pipe.unet(x, 500, context)).abs().max() < 1e-4
+        vae_ref = diffusers.AutoencoderKL.from_pretrained(out / "vae", torch_dtype=torch.float32).eval()
+        z = torch.randn(1, 4, 8, 8)
+        assert (vae_ref.decode(z).sample - pipe.vae.decode(z)).abs().max() < 1e-4
+        assert vae_ref.config.scaling_factor == pipe.vae.config.scaling_factor
+
+
+def test_train_refuses_to_overwrite_a_run_without_resume(smoke_world):
+    root, _ = smoke_world
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_world(WorldConfig.smoke(), root / "out", root / "work", stages=("vae",), progress=False)
+    again = train_world(WorldConfig.smoke(), root / "out", root / "work", stages=("vae",), resume=True, progress=False)
+    assert again["stages"]["vae"] == json.loads((root / "work" / "vae" / "done.json").read_text())
+
+
+def test_manifest_mismatch_is_a_clear_error(smoke_world, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_world[0] / "out", copy)
+    (copy / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
+    (copy / "tokenizer" / "merges.txt").unlink()
+    with pytest.raises(WeightsError, match="2 file") as err:
+        verify_manifest(copy, restore_hint="retrain with minipa train")
+    message = str(err.value)
+    assert "vae/diffusion_pytorch_model.safetensors: sha256 mismatch" in message
+    assert "tokenizer/merges.txt: missing" in message and "retrain with minipa train" in message
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 gloo processes × half the batch ≡ 1 process with the whole batch (VAE stage)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "minipa.train", "--preset", "smoke", "--stages", "vae", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "o1"), "--work", str(tmp_path / "w1")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    subprocess.run([*torchrun, *args, "--out", str(tmp_path / "o2"), "--work", str(tmp_path / "w2")],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    one = json.loads((tmp_path / "w1" / "vae" / "losses.json").read_text())
+    two = json.loads((tmp_path / "w2" / "vae" / "losses.json").read_text())
+    assert len(one) == len(two) == 3
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5  # float summation order differs, nothing else
+    from safetensors.torch import load_file
+
+    w1 = load_file(str(tmp_path / "o1" / "vae" / "diffusion_pytorch_model.safetensors"))
+    w2 = load_file(str(tmp_path / "o2" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1) < 1e-3  # fp16 files: ≤ one fp16 step
