@@ -1,0 +1,518 @@
+"""Course assignments: student copies with the solutions cut out, and the test suite as the grader.
+
+Where the learning is, the source marks a *region* with two comment lines,
+
+    # BEGIN ASSIGNMENT <n>
+    …the lines a student writes…
+    # END ASSIGNMENT <n>
+
+`make_student(out_dir)` copies the repository and replaces each region's lines with
+`raise NotImplementedError("Assignment <n>: …")` (signature, docstring and markers stay), then writes
+`assignments/README.md`, the course. `grade(dir)` runs each assignment's grading tests (tests that
+already exist, against diffusers/transformers) and prints a score table.
+
+How tests are split (see also the README written into the student copy):
+- a test that runs the code of exactly one region grades that assignment (`Assignment.tests`);
+- a test that runs several regions (the end-to-end pipeline) grades none: it is listed in
+  `NEEDS_EVERY_ASSIGNMENT` and skipped, with a reason, while any region still raises the stub;
+- every other test runs no region, and passes in the student copy as in the full tree.
+So putting back the solution of assignment k makes exactly assignment k pass (tests/test_course.py).
+"""
+
+from __future__ import annotations
+
+import json as _json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository this minipa was loaded from
+
+
+class CourseError(ValueError):
+    """Badly marked regions, an unusable output folder, or a grading run that produced no results."""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    number: int
+    title: str
+    file: str  # the file holding the region, relative to the repository root
+    where: str  # the function the student completes
+    task: str  # what to write, with the seed equation: the NotImplementedError message
+    teaches: str
+    hints: tuple[str, ...]
+    tests: tuple[str, ...]  # pytest node ids; one without "[…]" stands for all its parametrizations
+    points: int
+    prerequisites: tuple[int, ...]
+    minutes: int  # estimated time
+
+    @property
+    def message(self) -> str:
+        return f"Assignment {self.number}: {self.task}"
+
+
+# ─── The course, in order. To add one: mark a region in the source, add a row here. ──────────────
+
+ASSIGNMENTS = (
+    Assignment(
+        1, "The forward process: add_noise", "minipa/ddpm.py", "add_noise",
+        task="return x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (seed eq. 1), with ᾱ_t = alphas_cumprod[t] "
+             "reshaped to (B, 1, 1, 1) so that it broadcasts over x0's (B, C, H, W).",
+        teaches="how a clean latent becomes a noisy one in a single jump, and what the schedule ᾱ_t means",
+        hints=("`alphas_cumprod[t]` indexes a (T,) tensor with the (B,) timesteps; move it to x0's device and dtype first.",
+               "`abar.reshape(-1, *([1] * (x0.ndim - 1)))` gives (B, 1, 1, 1) for 4-d x0.",
+               "The seed writes α_t for the cumulative product that diffusers calls ᾱ_t (`alphas_cumprod`)."),
+        tests=("tests/test_ddpm.py::test_add_noise_equals_diffusers_and_seed_eq1",),
+        points=10, prerequisites=(), minutes=20,
+    ),
+    Assignment(
+        2, "The training loss", "minipa/ddpm.py", "diffusion_loss",
+        task="return L = ‖ε − ε_θ(x_t, c, t)‖² (seed eq. 1), the mean over batch and pixels, computed in float32.",
+        teaches="what the UNet is trained to predict, and why the loss is a plain mean squared error",
+        hints=("`target` is the ε that `add_noise` used; `prediction` is the UNet's ε_θ.",
+               "Cast both to float32 first: fp16 training computes the loss in full precision."),
+        tests=("tests/test_ddpm.py::test_loss_is_mean_squared_noise_error",),
+        points=5, prerequisites=(1,), minutes=10,
+    ),
+    Assignment(
+        3, "The DDIM step", "minipa/ddim.py", "DDIMScheduler.step",
+        task="return StepOutput(x_prev, x0) with x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε + σ·z and "
+             "σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) (DDIM eq. 12 and 16); x0, ε from self._x0_and_eps.",
+        teaches="how a fast sampler jumps from t to an earlier timestep, and SD 1.5's conventions for the last step",
+        hints=("`self._prev_timestep(t)` is the timestep one inference step earlier; it is < 0 after the last step.",
+               "After the last step SD 1.5 uses ᾱ_0 as ᾱ_prev (`set_alpha_to_one=False`), or 1.0 when that flag is set.",
+               "`self._x0_and_eps(model_output, x_t, ᾱ_t)` reads the model output as (x0, ε) for ε- and v-prediction.",
+               "Add fresh noise `_noise_like(model_output, generator)` only when η > 0."),
+        tests=(
+            "tests/test_ddim.py::test_every_step_equals_diffusers",
+            "tests/test_ddim.py::test_full_50_step_loop_equals_diffusers",
+            "tests/test_ddim.py::test_eta_zero_is_deterministic_and_eta_one_uses_generator",
+        ),
+        points=15, prerequisites=(1,), minutes=45,
+    ),
+    Assignment(
+        4, "Classifier-free guidance", "minipa/guidance.py", "cfg",
+        task="return ε̂ = ε_u + w·(ε_c − ε_u), which is seed eq. 2 ε̂ = w·ε_c + (1−w)·ε_u; for w = 1 return eps_cond itself.",
+        teaches="how one model trained with and without its prompt is pushed towards the prompt at sampling time",
+        hints=("Both forms are equal; the step form (ε_u + w·Δ) is what diffusers computes, so it matches to the last bit.",
+               "w = 1 must give ε_c exactly (the pipeline then skips the unconditional pass)."),
+        tests=(
+            "tests/test_guidance.py::test_both_forms_of_seed_eq2_agree",
+            "tests/test_guidance.py::test_w_one_is_the_conditional_prediction",
+            "tests/test_guidance.py::test_w_zero_is_the_unconditional_prediction",
+        ),
+        points=10, prerequisites=(), minutes=15,
+    ),
+    Assignment(
+        5, "Scaled dot-product attention", "minipa/attention.py", "attention (explicit path)",
+        task="return Softmax(QKᵀ/√d)·V over the last two axes (q: (B, heads, Lq, d), k, v: (B, heads, Lk, d)), "
+             "with scores set to −inf where the bool mask is False.",
+        teaches="the one equation inside every transformer here: the UNet, the VAE's middle, both CLIP towers",
+        hints=("`k.transpose(-2, -1)` turns (…, Lk, d) into (…, d, Lk), so `q @ kᵀ` is (B, heads, Lq, Lk).",
+               "`scores.masked_fill(~mask, float(\"-inf\"))` before the softmax; softmax over the last axis (the keys).",
+               "The test compares with torch's fused `scaled_dot_product_attention`: same math, one kernel."),
+        tests=(
+            "tests/test_attention.py::test_explicit_and_sdpa_paths_agree",
+            "tests/test_attention.py::test_explicit_and_sdpa_agree_with_causal_mask",
+            "tests/test_attention.py::test_explicit_attention_is_the_softmax_equation",
+            "tests/test_attention.py::test_attention_module_matches_diffusers[True-False]",
+            "tests/test_attention.py::test_attention_module_matches_diffusers[True-True]",
+            "tests/test_clip.py::test_text_encoder_causal_mask_explicit_and_sdpa_agree",
+            "tests/test_unet.py::test_explicit_attention_agrees_with_sdpa_in_the_whole_unet",
+            "tests/test_vae.py::test_explicit_and_sdpa_attention_agree",
+        ),
+        points=15, prerequisites=(), minutes=30,
+    ),
+    Assignment(
+        6, "The BPE merge loop", "minipa/tokenizer.py", "CLIPTokenizer.bpe",
+        task="repeatedly merge, everywhere in `symbols`, the adjacent pair with the lowest rank in self.ranks "
+             "(merges.txt order), until one symbol is left or no adjacent pair has a rank.",
+        teaches="how CLIP's byte-pair encoding turns a word into vocabulary entries, exactly as SD 1.5's tokenizer does",
+        hints=("Pairs are `(symbols[k], symbols[k + 1])`; a pair not in `self.ranks` has rank ∞.",
+               "Merge every occurrence of the best pair in one left-to-right pass, then look for the next best pair.",
+               "Example: 'l o w e r</w>' with ranks (l,o) < (lo,w) < (e,r</w>) ends as ['low', 'er</w>']."),
+        tests=(
+            "tests/test_tokenizer.py::test_ids_and_masks_equal_transformers_on_corpus",
+            "tests/test_tokenizer.py::test_unpadded_encode_equals_transformers",
+            "tests/test_tokenizer.py::test_call_returns_ids_padded_with_endoftext",
+            "tests/test_tokenizer.py::test_long_prompt_is_truncated_with_a_warning_counting_dropped_tokens",
+        ),
+        points=15, prerequisites=(), minutes=45,
+    ),
+    Assignment(
+        7, "The image projection", "minipa/ip_adapter.py", "ImageProjection.forward",
+        task="image embedding (B, E) → self.proj → (B, N·D) → reshape to (B, N, D) → self.norm: "
+             "the N = 4 image tokens c_i of seed §3.2.1 (Linear + LayerNorm).",
+        teaches="how one global CLIP image embedding becomes a few tokens the UNet's cross-attention can read",
+        hints=("Keep any leading axes: `tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)`.",
+               "LayerNorm normalises each token's D features, so a zero embedding gives LayerNorm(bias), not zeros."),
+        tests=("tests/test_ip_adapter.py::test_image_projection_gives_n_tokens_and_concatenates_several_images",),
+        points=10, prerequisites=(), minutes=20,
+    ),
+    Assignment(
+        8, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",
+        task="return Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′ (seed §3.2.2, λ = scale) using attention(); "
+             "λ = 0 must return the text attention alone, exactly.",
+        teaches="the IP-Adapter's one idea: a second attention over image tokens that shares the query",
+        hints=("Call `attention(q, k, v)` for the text branch and `attention(q, k_ip, v_ip)` for the image branch.",
+               "Skip the image branch when scale == 0, so that λ = 0 is plain SD bit for bit."),
+        tests=(
+            "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]",
+            "tests/test_ip_adapter.py::test_scale_zero_is_exactly_plain_attention",
+        ),
+        points=10, prerequisites=(5, 7), minutes=30,
+    ),
+    Assignment(
+        9, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "_renumber_levels",
+        task="map encoder.down.{i} ↔ encoder.down_blocks.{i} and decoder.up.{levels−1−i} ↔ decoder.up_blocks.{i} "
+             "(LDM numbers the decoder from the bottom), both ways (`to_diffusers`); return other keys unchanged.",
+        teaches="how one checkpoint format is read into another by a short rule instead of a 1,000-line dictionary",
+        hints=("Split `key` after the level: `level, rest = key[len(head):].split(\".\", 1)`.",
+               "The decoder rule is its own inverse: levels − 1 − (levels − 1 − i) = i.",
+               "The tests write LDM files with minipa's rule and convert them back with diffusers' own converter."),
+        tests=(
+            "tests/test_vae.py::test_ldm_names_agree_with_diffusers_converter",
+            "tests/test_vae.py::test_ldm_single_file_equals_diffusers",
+            "tests/test_vae.py::test_standalone_ldm_vae_file_without_prefix",
+            "tests/test_vae.py::test_full_size_ldm_keys_round_trip_and_match_diffusers_converter",
+            "tests/test_vae.py::test_wrong_files_are_clear_errors",
+            "tests/test_vae.py::test_text_encoder_file_given_as_vae_is_a_clear_error",
+        ),
+        points=10, prerequisites=(), minutes=30,
+    ),
+)
+
+# Tests that run the code of several regions: graded by no assignment, skipped while any is blank.
+NEEDS_EVERY_ASSIGNMENT = (
+    "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[explicit]",  # 5 and 8
+    "tests/test_ip_adapter.py::test_attach_shares_weights_and_detach_restores_the_unet",  # 7 and 8
+    # the end-to-end pipeline: tokenizer, guidance, DDIM/DDPM, IP-Adapter (and LDM keys for single files);
+    # the error tests among them reach the tokenizer before what they check
+    *(f"tests/test_pipeline.py::test_{name}" for name in (
+        "text_only_equals_diffusers", "text_and_image_prompt_equals_diffusers",
+        "image_prompt_without_guidance_equals_diffusers", "two_image_prompts_equal_diffusers",
+        "per_block_scale_equals_diffusers", "bin_and_safetensors_adapters_give_the_same_image",
+        "ddpm_and_seed_equal_diffusers", "scale_zero_is_exactly_plain_sd", "guidance_one_skips_the_unconditional_branch",
+        "same_seed_same_image_and_outputs_agree", "bad_arguments_are_clear_errors[kwargs6-ip_scale must be a finite number >= 0]",
+        "image_prompt_without_adapter_is_an_error", "cli_writes_png_and_sidecar",
+        "single_file_checkpoint_gives_the_same_image_as_the_folder", "unreadable_image_prompt_is_a_clear_error",
+    )),
+    # whole files that train or run the pipeline end to end (the tiny world, reliability and benchmark suites)
+    "tests/test_train.py", "tests/test_reliability.py", "tests/test_benchmark.py",
+)
+
+
+# ─── Regions ─────────────────────────────────────────────────────────────────────────────────────
+
+_MARKER = re.compile(r"^(?P<indent>[ \t]*)# (?P<kind>BEGIN|END) ASSIGNMENT (?P<n>\d+)[ \t]*$")
+
+
+def find_regions(text: str, source: str = "<text>") -> dict[int, tuple[int, int, str]]:
+    """{n: (line of BEGIN, line of END, indentation)} (0-based line numbers), checking the markers pair up."""
+    regions, open_ = {}, None
+    for i, line in enumerate(text.splitlines()):
+        m = _MARKER.match(line)
+        if not m:
+            continue
+        n, indent = int(m["n"]), m["indent"]
+        if m["kind"] == "BEGIN":
+            if open_ is not None:
+                raise CourseError(f"{source}:{i + 1}: BEGIN ASSIGNMENT {n} inside region {open_[0]} (regions do not nest)")
+            if n in regions:
+                raise CourseError(f"{source}:{i + 1}: a second region for assignment {n}")
+            open_ = (n, i, indent)
+        elif open_ is None or open_[0] != n or open_[2] != indent:
+            raise CourseError(f"{source}:{i + 1}: END ASSIGNMENT {n} does not close an open BEGIN ASSIGNMENT {n} at the same indentation")
+        else:
+            regions[n] = (open_[1], i, indent)
+            open_ = None
+    if open_ is not None:
+        raise CourseError(f"{source}:{open_[1] + 1}: BEGIN ASSIGNMENT {open_[0]} has no END")
+    return regions
+
+
+def region_body(text: str, n: int) -> list[str]:
+    """The lines between the markers of region n."""
+    begin, end, _ = find_regions(text)[n]
+    return text.splitlines()[begin + 1 : end]
+
+
+def replace_region(text: str, n: int, body: list[str]) -> str:
+    """`text` with the lines between the markers of region n replaced by `body`."""
+    begin, end, _ = find_regions(text)[n]
+    lines = text.splitlines(keepends=True)
+    return "".join(lines[: begin + 1] + [line.rstrip("\n") + "\n" for line in body] + lines[end:])
+
+
+def stub(assignment: Assignment, indent: str) -> list[str]:
+    """The student's starting point: a `raise NotImplementedError("Assignment n: …")` that says what to write."""
+    pieces = textwrap.wrap(assignment.message, 96, break_long_words=False, break_on_hyphens=False)
+    pieces = [piece + " " for piece in pieces[:-1]] + pieces[-1:]  # the spaces the wrapping took out
+    literals = [_json.dumps(piece, ensure_ascii=False) for piece in pieces]  # a JSON string is a Python literal
+    return [f"{indent}raise NotImplementedError(", *(f"{indent}    {q}" for q in literals), f"{indent})"]
+
+
+def is_blank(text: str, n: int) -> bool:
+    """Does region n still hold the stub (the student has not started it)?"""
+    body = "\n".join(region_body(text, n))
+    return "raise NotImplementedError(" in body and f'"Assignment {n}: ' in body
+
+
+def blank_assignments(root: str | Path) -> list[int]:
+    """The assignments whose region in the tree at `root` still raises the stub."""
+    root = Path(root)
+    return [a.number for a in ASSIGNMENTS if (root / a.file).is_file() and is_blank((root / a.file).read_text(encoding="utf-8"), a.number)]
+
+
+def skip_tests_needing_every_assignment(config, items) -> None:
+    """A pytest collection hook (the student copy's conftest.py imports it): skip what needs every region."""
+    import pytest
+
+    blank = blank_assignments(config.rootpath)
+    if not blank:
+        return
+    reason = f"needs every assignment; still blank: {', '.join(map(str, blank))} (see assignments/README.md)"
+    for item in items:
+        if any(_matches(item.nodeid, pattern) for pattern in NEEDS_EVERY_ASSIGNMENT):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _matches(nodeid: str, pattern: str) -> bool:
+    """`pattern` is a node id; without "[…]" it covers every parametrization, without "::" a whole file."""
+    if "::" not in pattern:
+        return nodeid.startswith(pattern + "::")
+    return nodeid == pattern or ("[" not in pattern and nodeid.startswith(pattern + "["))
+
+
+# ─── The student copy ────────────────────────────────────────────────────────────────────────────
+
+_NOT_COPIED = {".git", ".venv", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "out"}
+STAFF_ONLY = ("tests/test_course.py",)  # tests of this machinery, which expect the solutions: not handed out
+
+STUDENT_CONFTEST = '''"""Written by `minipa course make-student`: skips the end-to-end tests while an assignment is blank."""
+
+from minipa.course import skip_tests_needing_every_assignment as pytest_collection_modifyitems  # noqa: F401
+'''
+
+
+def repository_files(root: str | Path = ROOT) -> list[str]:
+    """The files to hand out: what git tracks (as it is in the working tree), else the tree minus caches."""
+    root = Path(root).resolve()
+    try:
+        top = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        if Path(top.stdout.strip()).resolve() != root:
+            raise OSError("not the top of a git repository")  # e.g. a student copy inside another checkout
+        listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True, check=True).stdout
+        return sorted(f for f in listed.decode().split("\0") if f and (root / f).is_file())
+    except (OSError, subprocess.CalledProcessError):
+        files = []
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in _NOT_COPIED and not d.endswith(".egg-info")]
+            files += [str((Path(folder) / n).relative_to(root)) for n in names if not n.endswith(".pyc")]
+        return sorted(files)
+
+
+def check_regions(root: str | Path = ROOT) -> None:
+    """Every assignment has exactly one region in its file, and every region in minipa/ has an assignment."""
+    root = Path(root)
+    numbers = {a.number for a in ASSIGNMENTS}
+    for path in sorted((root / "minipa").rglob("*.py")):
+        for n in find_regions(path.read_text(encoding="utf-8"), str(path)):
+            owner = next((a for a in ASSIGNMENTS if a.number == n), None)
+            if owner is None or root / owner.file != path:
+                raise CourseError(f"{path}: region {n} is not in the assignment table (minipa/course.py ASSIGNMENTS)")
+            numbers.discard(n)
+    if numbers:
+        raise CourseError(f"no region in the source for assignment(s) {sorted(numbers)}")
+
+
+def _chosen(only: list[int] | None) -> list[Assignment]:
+    chosen = [a for a in ASSIGNMENTS if only is None or a.number in only]
+    if only is not None and len(chosen) != len(set(only)):
+        raise CourseError(f"no assignment(s) {sorted(set(only) - {a.number for a in ASSIGNMENTS})}; there are 1–{len(ASSIGNMENTS)}")
+    return chosen
+
+
+def make_student(out_dir: str | Path, root: str | Path = ROOT, only: list[int] | None = None) -> Path:
+    """Write a student copy of the repository at `root` into `out_dir` (new or empty); returns it.
+
+    `only`: cut out just these assignments (e.g. this week's); the others stay solved.
+    """
+    root, out = Path(root).resolve(), Path(out_dir).resolve()
+    chosen = _chosen(only)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CourseError(f"{out_dir}: exists and is not an empty folder; make-student writes a fresh copy")
+    check_regions(root)
+    files = [f for f in repository_files(root) if f not in STAFF_ONLY and not (root / f).resolve().is_relative_to(out)]
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, out / name)
+    for a in chosen:
+        path = out / a.file
+        text = path.read_text(encoding="utf-8")
+        path.write_text(replace_region(text, a.number, stub(a, find_regions(text)[a.number][2])), encoding="utf-8")
+    conftest = out / "conftest.py"
+    conftest.write_text((conftest.read_text(encoding="utf-8") + "\n" if conftest.exists() else "") + STUDENT_CONFTEST)
+    (out / "assignments").mkdir(exist_ok=True)
+    (out / "assignments" / "README.md").write_text(course_readme(chosen), encoding="utf-8")
+    return out
+
+
+# ─── Grading ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def run_tests(directory: str | Path, nodeids: list[str]) -> dict[str, tuple[str, str]]:
+    """Run `nodeids` with this interpreter's pytest inside `directory`: {nodeid: (outcome, message)}.
+
+    outcome is "passed", "failed", "error" or "skipped"; message is the first line of the failure.
+    One pytest process for all tests (importing torch and the oracles dominates the time).
+    """
+    directory = Path(directory).resolve()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", f"--junitxml={report}", "-o", "junit_family=xunit1", *nodeids]
+        done = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True)
+        if not report.is_file():
+            raise CourseError(f"pytest wrote no report in {directory} (exit code {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        tree = ET.parse(report)
+    results = {}
+    for case in tree.iter("testcase"):
+        file, name = case.get("file"), case.get("name", "")
+        classname = case.get("classname", "")
+        if not file:  # a collection error: reported against the module
+            results[f"<collection of {classname or name}>"] = ("error", _reason(case))
+            continue
+        middle = classname.split(".")[len(Path(file).with_suffix("").parts):]  # test classes, if any
+        nodeid = "::".join([Path(file).as_posix(), *middle, name])
+        outcome = next((tag for tag in ("failure", "error", "skipped") if case.find(tag) is not None), "passed")
+        outcome = {"failure": "failed"}.get(outcome, outcome)
+        results[nodeid] = (outcome, _reason(case) if outcome != "passed" else "")
+    return results
+
+
+def _reason(case) -> str:
+    """Why a test did not pass: the stub's `NotImplementedError: Assignment n: …` line if it is anywhere in
+    the report (e.g. under pytest.warns' "DID NOT WARN"), else the first line of the message."""
+    for tag in ("failure", "error", "skipped"):
+        element = case.find(tag)
+        if element is not None:
+            text = f"{element.get('message') or ''}\n{element.text or ''}"
+            stub = re.search(r"NotImplementedError: Assignment \d+: .*", text)
+            lines = text.strip().splitlines()
+            return stub[0] if stub else lines[0] if lines else tag
+    return ""
+
+
+def grade(directory: str | Path = ".", json: bool = False, only: list[int] | None = None, out=None) -> dict:
+    """Run the grading tests of every assignment (or those in `only`) in `directory`; print a table or JSON."""
+    out = out or sys.stdout
+    chosen = _chosen(only)
+    nodeids = list(dict.fromkeys(t for a in chosen for t in a.tests))
+    results = run_tests(directory, nodeids)
+    rows = []
+    for a in chosen:
+        tests = []
+        for pattern in a.tests:
+            found = [(nodeid, *r) for nodeid, r in results.items() if _matches(nodeid, pattern)]
+            file = pattern.split("::")[0]
+            tests += found or [(pattern, "error", next((m for n, (_, m) in results.items() if file in n), "not run"))]
+        passed = sum(outcome == "passed" for _, outcome, _ in tests)
+        rows.append({
+            "number": a.number, "title": a.title, "passed": passed, "total": len(tests),
+            "points": round(a.points * passed / len(tests), 1), "max_points": a.points,
+            "tests": [{"id": nodeid, "outcome": outcome, "message": message} for nodeid, outcome, message in tests],
+        })
+    summary = {
+        "directory": str(Path(directory).resolve()), "assignments": rows,
+        "points": round(sum(r["points"] for r in rows), 1), "max_points": sum(r["max_points"] for r in rows),
+    }
+    if json:
+        print(_json.dumps(summary, indent=2, ensure_ascii=False), file=out)
+    else:
+        print(score_table(summary), file=out)
+    return summary
+
+
+def score_table(summary: dict) -> str:
+    width = max(len(r["title"]) for r in summary["assignments"])
+    lines = [f"{'#':>2}  {'assignment':<{width}}  {'tests':>7}  {'points':>11}"]
+    for r in summary["assignments"]:
+        tests, points = f"{r['passed']}/{r['total']}", f"{r['points']:g}/{r['max_points']}"
+        lines.append(f"{r['number']:>2}  {r['title']:<{width}}  {tests:>7}  {points:>11}")
+    passed, total = (sum(r[k] for r in summary["assignments"]) for k in ("passed", "total"))
+    points = f"{summary['points']:g}/{summary['max_points']}"
+    lines.append(f"{'':>2}  {'total':<{width}}  {f'{passed}/{total}':>7}  {points:>11}")
+    return "\n".join(lines)
+
+
+# ─── The course README (assignments/README.md in the student copy) ──────────────────────────────
+
+README_INTRO = """# minipa course: Stable Diffusion and IP-Adapter, one function at a time
+
+This copy of minipa has {count} pieces cut out. Each is a function body that now raises
+`NotImplementedError("Assignment n: …")`, between the lines `# BEGIN ASSIGNMENT n` and
+`# END ASSIGNMENT n`; the message says what to write. Everything else is complete, and the tests
+that grade you already exist: they compare your code with `diffusers` / `transformers`.
+
+## How to work
+
+1. Pick the next assignment (the order below builds up; prerequisites are ideas, not code: every
+   assignment is graded on its own).
+2. Read its section here and the docstring above the region, then write the body between the markers.
+3. Run its tests until they pass, one failing test at a time:
+   `python -m pytest -x <its tests>` (each section below has the command).
+4. See where you stand: `minipa course grade` (or `python -m minipa course grade`, `--json` for tools).
+
+Which tests count: a test that runs exactly one assignment's code grades that assignment. The
+end-to-end tests (the whole pipeline against diffusers) run all of them together; they grade
+nothing and are *skipped* while any region still raises its `NotImplementedError`, with a reason
+saying which. Every other test in `tests/` runs none of your code and passes from the start:
+`python -m pytest -q` shows only your assignments failing. When every region is filled in, the
+end-to-end tests run again and check that the pieces fit: the pipeline then makes the same images as
+diffusers.
+
+## The course
+
+| # | assignment | where | prerequisites | time | points |
+|---|---|---|---|---|---|
+"""
+
+
+def course_readme(assignments: list[Assignment] | tuple[Assignment, ...] = ASSIGNMENTS) -> str:
+    """assignments/README.md: the course, generated from the assignment table."""
+    lines = [README_INTRO.format(count=len(assignments))]
+    for a in assignments:
+        needs = ", ".join(map(str, a.prerequisites)) or "—"
+        lines.append(f"| {a.number} | {a.title} | `{a.file}`: `{a.where}` | {needs} | {a.minutes} min | {a.points} |\n")
+    total = sum(a.minutes for a in assignments)
+    lines.append(f"\nAbout {total // 60} h {total % 60} min in all, {sum(a.points for a in assignments)} points.\n")
+    for a in assignments:
+        needs = ", ".join(f"{n} ({ASSIGNMENTS[n - 1].title})" for n in a.prerequisites) or "none"
+        lines += [
+            f"\n## {a.number}. {a.title}\n\n",
+            f"*{a.file}*, `{a.where}` · prerequisites: {needs} · about {a.minutes} min · {a.points} points\n\n",
+            f"**What it teaches:** {a.teaches}.\n\n",
+            f"**What to write:** {a.task}\n\n",
+            "**Hints**\n\n", *(f"- {hint}\n" for hint in a.hints),
+            "\n**Graded by**\n\n", *(f"- `{t}`\n" for t in a.tests),
+            f"\n```bash\npython -m pytest -x {' '.join(sorted({t.split('::')[0] for t in a.tests}))} -k \"{' or '.join(_names(a))}\"\n"
+            f"minipa course grade --assignment {a.number}\n```\n",
+        ]
+    if NEEDS_EVERY_ASSIGNMENT:
+        lines += ["\n## Tests that need every assignment\n\n", "Skipped until no region is blank:\n\n",
+                  *(f"- `{t}`\n" for t in NEEDS_EVERY_ASSIGNMENT)]
+    return "".join(lines)
+
+
+def _names(a: Assignment) -> list[str]:
+    """The test function names of an assignment's grading tests (for a `-k` expression)."""
+    return list(dict.fromkeys(t.split("::")[-1].split("[")[0] for t in a.tests))

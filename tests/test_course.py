@@ -1,0 +1,169 @@
+"""Course assignments (issue 8): the student copy, its grading, and that the two fit together.
+
+The student copy is made once per module (a copy of the tracked files, ~2 MB) and graded in
+subprocesses that run pytest inside it, so these tests measure the real thing a student runs.
+"""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minipa import course
+from minipa.cli import main as cli
+from minipa.course import ASSIGNMENTS, NEEDS_EVERY_ASSIGNMENT, CourseError, find_regions, region_body, replace_region
+
+ROOT = Path(__file__).resolve().parent.parent
+STUB = "NotImplementedError: Assignment {}:"
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return course.make_student(tmp_path_factory.mktemp("course") / "student")
+
+
+def put_back(student: Path, a) -> str:
+    """Copy assignment a's solution from this repository into the student copy; returns the stubbed text."""
+    path = student / a.file
+    stubbed = path.read_text(encoding="utf-8")
+    solution = region_body((ROOT / a.file).read_text(encoding="utf-8"), a.number)
+    path.write_text(replace_region(stubbed, a.number, solution), encoding="utf-8")
+    return stubbed
+
+
+def scores(summary) -> dict[int, tuple[int, int]]:
+    return {row["number"]: (row["passed"], row["total"]) for row in summary["assignments"]}
+
+
+# ─── The table and the markers ───────────────────────────────────────────────────────────────────
+
+
+def test_every_assignment_has_one_region_and_every_region_an_assignment():
+    course.check_regions(ROOT)
+    assert [a.number for a in ASSIGNMENTS] == list(range(1, len(ASSIGNMENTS) + 1))
+    for a in ASSIGNMENTS:
+        assert region_body((ROOT / a.file).read_text(encoding="utf-8"), a.number), a
+        assert all(0 < p < a.number for p in a.prerequisites) and a.tests and a.points > 0 and a.minutes > 0
+    grading = [t for a in ASSIGNMENTS for t in a.tests]
+    assert not set(grading) & set(NEEDS_EVERY_ASSIGNMENT)
+
+
+def test_badly_marked_regions_are_clear_errors(tmp_path):
+    cases = {
+        "    # BEGIN ASSIGNMENT 1\n    x = 1\n": "has no END",
+        "    # END ASSIGNMENT 1\n": "does not close",
+        "    # BEGIN ASSIGNMENT 1\n# END ASSIGNMENT 1\n": "same indentation",
+        "# BEGIN ASSIGNMENT 1\n# BEGIN ASSIGNMENT 2\n": "do not nest",
+        "# BEGIN ASSIGNMENT 1\n# END ASSIGNMENT 1\n# BEGIN ASSIGNMENT 1\n# END ASSIGNMENT 1\n": "a second region",
+    }
+    for text, words in cases.items():
+        with pytest.raises(CourseError, match=words):
+            find_regions(text, "x.py")
+    (tmp_path / "minipa").mkdir()
+    (tmp_path / "minipa" / "extra.py").write_text("def f():\n    # BEGIN ASSIGNMENT 99\n    pass\n    # END ASSIGNMENT 99\n")
+    with pytest.raises(CourseError, match="region 99 is not in the assignment table"):
+        course.check_regions(tmp_path)
+    (tmp_path / "not-empty").mkdir()
+    (tmp_path / "not-empty" / "file").write_text("x")
+    with pytest.raises(CourseError, match="not an empty folder"):
+        course.make_student(tmp_path / "not-empty")
+    with pytest.raises(CourseError, match=r"no assignment\(s\) \[42\]"):
+        course.make_student(tmp_path / "new", only=[42])
+
+
+# ─── The student copy ────────────────────────────────────────────────────────────────────────────
+
+
+def test_student_copy_imports_and_every_region_is_cut(student):
+    modules = sorted({"minipa." + Path(a.file).stem for a in ASSIGNMENTS} | {"minipa.pipeline", "minipa.cli"})
+    code = f"import minipa, {', '.join(modules)}; print(minipa.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=student, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()).is_relative_to(student)  # the copy's minipa, not this one
+    assert course.blank_assignments(student) == [a.number for a in ASSIGNMENTS]
+    assert course.blank_assignments(ROOT) == []
+    for a in ASSIGNMENTS:
+        solution = region_body((ROOT / a.file).read_text(encoding="utf-8"), a.number)
+        cut = region_body((student / a.file).read_text(encoding="utf-8"), a.number)
+        assert not set(line for line in solution if line.strip()) & set(cut), a.number
+        assert f'"Assignment {a.number}: ' in "\n".join(cut)
+    assert (student / "conftest.py").is_file() and not (student / ".git").exists()
+
+
+def test_assignments_readme_reads_as_a_course(student):
+    text = (student / "assignments" / "README.md").read_text(encoding="utf-8")
+    positions = [text.index(f"## {a.number}. {a.title}") for a in ASSIGNMENTS]
+    assert positions == sorted(positions)  # in course order
+    for a in ASSIGNMENTS:
+        start = text.index(f"## {a.number}. {a.title}")
+        end = text.find("\n## ", start + 1)
+        section = text[start : end if end != -1 else None]
+        for words in (a.teaches, a.task, *a.hints, f"about {a.minutes} min", f"{a.points} points",
+                      f"minipa course grade --assignment {a.number}", *a.tests):
+            assert words in section, (a.number, words)
+        assert ("prerequisites: none" in section) == (not a.prerequisites)
+    assert "How to work" in text and "skipped" in text and "| # | assignment | where | prerequisites | time | points |" in text
+
+
+def test_full_tree_scores_full_marks(capsys):
+    summary = course.grade(ROOT, json=True)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == summary and summary["points"] == summary["max_points"] == 100
+    for a, row in zip(ASSIGNMENTS, summary["assignments"]):
+        assert row["passed"] == row["total"] >= len(a.tests), row
+        for pattern in a.tests:  # every listed test exists (a typo would be reported as "error", not passed)
+            assert any(course._matches(t["id"], pattern) for t in row["tests"]), pattern
+
+
+def test_whole_suite_in_the_student_copy(student):
+    """Grading tests fail with their own stub, the end-to-end tests are skipped, every other test passes."""
+    results = course.run_tests(student, [])  # the whole default suite, as `python -m pytest` runs it there
+    owner = {}
+    for a in ASSIGNMENTS:
+        for nodeid in results:
+            if any(course._matches(nodeid, p) for p in a.tests):
+                assert nodeid not in owner, f"{nodeid} grades both {owner.get(nodeid)} and {a.number}"
+                owner[nodeid] = a.number
+    assert len(owner) >= sum(len(a.tests) for a in ASSIGNMENTS)
+    needs_all = [n for n in results if any(course._matches(n, p) for p in NEEDS_EVERY_ASSIGNMENT)]
+    assert len(needs_all) >= len(NEEDS_EVERY_ASSIGNMENT)
+    for nodeid, (outcome, message) in results.items():
+        if nodeid in owner:
+            assert outcome == "failed" and message.startswith(STUB.format(owner[nodeid])), (nodeid, outcome, message)
+        elif nodeid in needs_all:
+            assert outcome == "skipped" and "needs every assignment; still blank: 1, 2" in message, (nodeid, message)
+        else:
+            assert outcome == "passed" or (outcome == "skipped" and "MINIPA_WEIGHTS" in message), (nodeid, outcome, message)
+
+
+def test_cli_grades_the_student_copy_and_each_assignment_alone(student, capsys):
+    assert cli(["course", "grade", str(student), "--json"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["points"] == 0 and summary["max_points"] == 100
+    for row in summary["assignments"]:
+        assert row["passed"] == 0 and all(t["message"].startswith(STUB.format(row["number"])) for t in row["tests"])
+    a = ASSIGNMENTS[3]  # cfg: the quickest to grade
+    stubbed = put_back(student, a)
+    try:
+        assert cli(["course", "grade", str(student), "--assignment", str(a.number)]) == 0
+        table = capsys.readouterr().out
+        assert a.title in table and f"{a.points}/{a.points}" in table and ASSIGNMENTS[0].title not in table
+    finally:
+        (student / a.file).write_text(stubbed, encoding="utf-8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("number", [a.number for a in ASSIGNMENTS])
+def test_putting_back_solution_k_makes_exactly_assignment_k_pass(student, number):
+    a = ASSIGNMENTS[number - 1]
+    stubbed = put_back(student, a)
+    try:
+        summary = course.grade(student, json=True, out=io.StringIO())
+    finally:
+        (student / a.file).write_text(stubbed, encoding="utf-8")
+    assert course.blank_assignments(student) == [b.number for b in ASSIGNMENTS]
+    for k, (passed, total) in scores(summary).items():
+        assert passed == (total if k == number else 0), (k, passed, total)
