@@ -50,7 +50,9 @@ class IPAdapterTraining(UNetTraining):
             adapter.ip_adapter.requires_grad_(False)  # unused: the frozen text K/V read the image tokens
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        """The shared draw (images, t, ε, u), then which condition each sample drops: image, text, both or none."""
         b = self.draw(generator, size)
+        # BEGIN ASSIGNMENT 10
         image_drop, text_drop, both_drop = self.rates
         u = b["u"]
         drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
@@ -58,6 +60,7 @@ class IPAdapterTraining(UNetTraining):
         b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
         b["keep_image"] = (~drop_image).float()
         return b
+        # END ASSIGNMENT 10
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         embeds = self.data.image_embeds[b["index"]] * b["keep_image"][:, None]  # a dropped image is a zero embedding
