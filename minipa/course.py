@@ -109,7 +109,7 @@ ASSIGNMENTS = (
             "tests/test_guidance.py::test_w_one_is_the_conditional_prediction",
             "tests/test_guidance.py::test_w_zero_is_the_unconditional_prediction",
         ),
-        points=10, prerequisites=(), minutes=15,
+        points=5, prerequisites=(), minutes=15,
     ),
     Assignment(
         5, "Scaled dot-product attention", "minipa/attention.py", "attention (explicit path)",
@@ -144,6 +144,9 @@ ASSIGNMENTS = (
             "tests/test_tokenizer.py::test_unpadded_encode_equals_transformers",
             "tests/test_tokenizer.py::test_call_returns_ids_padded_with_endoftext",
             "tests/test_tokenizer.py::test_long_prompt_is_truncated_with_a_warning_counting_dropped_tokens",
+            "tests/test_data.py::test_tiny_tokenizer_makes_one_token_per_caption_word_and_handles_any_text",
+            "tests/test_data.py::test_tiny_tokenizer_round_trips_and_matches_transformers",
+            "tests/test_reliability.py::test_fuzz_tokenizer_never_crashes_and_stays_in_vocabulary",
         ),
         points=15, prerequisites=(), minutes=45,
     ),
@@ -155,7 +158,7 @@ ASSIGNMENTS = (
         hints=("Keep any leading axes: `tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)`.",
                "LayerNorm normalises each token's D features, so a zero embedding gives LayerNorm(bias), not zeros."),
         tests=("tests/test_ip_adapter.py::test_image_projection_gives_n_tokens_and_concatenates_several_images",),
-        points=10, prerequisites=(), minutes=20,
+        points=5, prerequisites=(), minutes=20,
     ),
     Assignment(
         8, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",
@@ -188,6 +191,20 @@ ASSIGNMENTS = (
         ),
         points=10, prerequisites=(), minutes=30,
     ),
+    Assignment(
+        10, "The IP-Adapter training step: dropping conditions", "minipa/train/ip_adapter.py", "IPAdapterTraining.batch",
+        task="with u = b[\"u\"] ~ U[0, 1) and (p_i, p_t, p_b) = self.rates, drop the image where u < p_i, the text where "
+             "p_i ≤ u < p_i + p_t, both where p_i + p_t ≤ u < p_i + p_t + p_b; set b[\"caption\"] (self.data.empty where "
+             "the text is dropped, else self.data.caption_index[b[\"index\"]]) and b[\"keep_image\"] (0.0 where the "
+             "image is dropped, else 1.0); return b.",
+        teaches="why the adapter is trained with the image, the text or both left out now and then (5% each in the "
+                "paper): classifier-free guidance (assignment 4) needs an unconditional prediction for each at sampling time",
+        hints=("One uniform number per sample decides, so the three cases never overlap: compare u with the running sums.",
+               "`torch.where(drop_text, self.data.empty, self.data.caption_index[b[\"index\"]])` picks the caption row.",
+               "A dropped image is a zero embedding later (`forward` multiplies by keep_image), so keep_image is float."),
+        tests=("tests/test_train.py::test_condition_dropping_rates",),
+        points=10, prerequisites=(2, 4, 7), minutes=25,
+    ),
 )
 
 # Tests that run the code of several regions: graded by no assignment, skipped while any is blank.
@@ -205,8 +222,19 @@ NEEDS_EVERY_ASSIGNMENT = (
         "image_prompt_without_adapter_is_an_error", "cli_writes_png_and_sidecar",
         "single_file_checkpoint_gives_the_same_image_as_the_folder", "unreadable_image_prompt_is_a_clear_error",
     )),
-    # whole files that train or run the pipeline end to end (the tiny world, reliability and benchmark suites)
-    "tests/test_train.py", "tests/test_reliability.py", "tests/test_benchmark.py",
+    *(f"tests/test_reliability.py::test_{name}" for name in (  # generation with odd inputs
+        "bad_input", "image_prompt_without_adapter", "odd_images_work", "empty_and_very_long_prompts",
+        "nan_guard_names_the_step", "half_precision_on_cpu_works",
+    )),
+    # training runs the forward process, the loss, image_proj, decoupled attention and condition dropping
+    "tests/test_train.py::test_ip_adapter_recipe_trains_only_the_adapter_from_text_weights",
+    *(f"tests/test_train.py::test_{name}" for name in (  # these use the smoke world: every stage trained and exported
+        "the_whole_world_trains_and_exports_in_the_real_formats", "exported_world_loads_and_generates_through_load_pipeline",
+        "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
+        "manifest_mismatch_is_a_clear_error",
+    )),
+    "tests/test_benchmark.py",  # whole files: generation end to end
+    "tests/test_tiny_model.py",
 )
 
 
