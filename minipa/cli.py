@@ -97,7 +97,8 @@ def evaluate(args) -> int:
     from minipa.train.world import EVAL_FILE, load_concat_projection
 
     folder = Path(args.model) if args.model else TINY_MODEL
-    pipe = load_pipeline(args.model)
+    adapter = folder / "ip-adapter.safetensors"
+    pipe = load_pipeline(args.model, ip_adapter=adapter if args.model and adapter.is_file() else None)
     concat = load_concat_projection(args.work, pipe) if args.work else None
     settings = {"n": args.n, "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
     started = time.perf_counter()

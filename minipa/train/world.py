@@ -62,7 +62,7 @@ class WorldConfig:
     ip_tokens: int = 4
     text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=500, batch_size=128, lr=2e-3, weight_decay=0.1))
-    clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
+    clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=2e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=16, lr=1e-3))
     unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=1e-3, ema=0.995))
     ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2500, batch_size=64, lr=1e-3, weight_decay=0.01))
@@ -188,6 +188,8 @@ class World:
         metrics = self._clip_metrics(module, tokenizer)
         if self.rank == 0:
             export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
+            save_safetensors({"text_projection.weight": module.text_projection.weight,
+                              "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / "clip_image" / "projection.safetensors")
         return self._finish("clip_image", result, metrics)
 
     def _clip_metrics(self, module: CLIPTraining, tokenizer) -> dict:
@@ -307,8 +309,8 @@ class World:
         metrics = {"accuracy_heldout": classifier_accuracy(module.classifier.eval(), test.images(), scene_labels(test.scenes()))}
         if self.rank == 0:
             state = {f"classifier.{k}": v for k, v in module.classifier.state_dict().items()}
-            projection = self.work / "clip" / "projection.safetensors"
-            if projection.is_file():
+            projection = next((p for p in (self.work / s / "projection.safetensors" for s in ("clip_image", "clip")) if p.is_file()), None)
+            if projection is not None:
                 from safetensors.torch import load_file
 
                 state.update(load_file(str(projection)))
