@@ -60,6 +60,7 @@ def run_ours(pipe, latents, guidance=7.5, **kwargs):
 def assert_images_close(a, b, atol=1e-4):
     assert a.shape == b.shape == (1, SIZE, SIZE, 3)
     diff = np.abs(a - b).max()
+    print(f"max abs difference {diff:.2e}")  # shown with pytest -rP
     assert diff <= atol, f"max abs difference {diff:.2e} > {atol}"
 
 
