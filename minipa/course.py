@@ -17,8 +17,8 @@ How tests are split (see also the README written into the student copy):
   `NEEDS_EVERY_ASSIGNMENT` and skipped, with a reason, while any region still raises the stub;
 - every other test runs no region, and passes in the student copy as in the full tree.
 So putting back the solution of assignment k makes exactly assignment k pass (tests/test_course.py).
-A new test that runs a region must join one of the two lists; the slow tests of tests/test_course.py
-name any that has not (`pytest -m slow tests/test_course.py`).
+A new test that runs a region must join one of the two lists; tests/test_course.py (run by CI) names
+any that has not.
 """
 
 from __future__ import annotations

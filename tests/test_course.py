@@ -118,7 +118,6 @@ def test_full_tree_scores_full_marks(capsys):
             assert any(course._matches(t["id"], pattern) for t in row["tests"]), pattern
 
 
-@pytest.mark.slow  # the whole default suite once more, inside the copy: minutes
 def test_whole_suite_in_the_student_copy(student):
     """Grading tests fail with their own stub, end-to-end tests are skipped, every other test passes."""
     results = course.run_tests(student, [])  # what `python -m pytest` runs there
@@ -156,7 +155,6 @@ def test_cli_grades_the_student_copy_and_each_assignment_alone(student, capsys):
         (student / a.file).write_text(stubbed, encoding="utf-8")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("number", [a.number for a in ASSIGNMENTS])
 def test_putting_back_solution_k_makes_exactly_assignment_k_pass(student, number):
     a = ASSIGNMENTS[number - 1]
