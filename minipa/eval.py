@@ -199,6 +199,10 @@ def evaluate(pipe, eval_file, *, n: int = 64, guidance: float = 5.0, steps: int 
     # reference rows: the caption itself (text only) on the same held-out test images, and no condition at all
     data = ShapesDataset("test", n, seed + 1)
     scenes = data.scenes()
+    # the ceiling the VAE sets: real test images, encoded and decoded, judged like generated ones
+    decoded = pipe.vae.decode(pipe.vae.encode(to_model_pixels(data.images()).to(pipe.dtype)).mode())
+    decoded = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    rows["vae_reconstruction_test"] = judge.match(decoded, scene_labels(scenes))
     if adapter is not None:
         set_ip_scale(pipe.unet, 0.0)
     images = sample(pipe, pipe.encode_prompt([s.caption for s in scenes]), empty, guidance=guidance, steps=steps, seed=seed)

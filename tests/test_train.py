@@ -231,3 +231,25 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     w1 = load_file(str(tmp_path / "o1" / "vae" / "diffusion_pytorch_model.safetensors"))
     w2 = load_file(str(tmp_path / "o2" / "vae" / "diffusion_pytorch_model.safetensors"))
     assert max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1) < 1e-3  # fp16 files: ≤ one fp16 step
+
+
+def test_clip_phase_two_locks_the_text_tower_and_contrasts_with_every_caption():
+    from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
+    from minipa.data.shapes import caption_table, tiny_tokenizer
+    from minipa.train.clip import CLIPTraining
+
+    config = WorldConfig.smoke()
+    data = ShapesDataset("train", 16)
+    captions, index = caption_table(data.scenes())
+    torch.manual_seed(0)
+    module = CLIPTraining(CLIPTextModel(config.text), CLIPVisionModelWithProjection(config.vision), data.images(),
+                          tiny_tokenizer()(captions), index)
+    module.freeze_text()
+    trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"image_encoder", "text_projection", "logit_scale"}
+    batch = module.batch(step_generator(0, 0), 4)
+    loss = module(batch)
+    u = module.embed_images(batch["images"])
+    v = torch.nn.functional.normalize(module.text_projection(module.text_pooled), dim=-1)  # all C captions
+    expected = torch.nn.functional.cross_entropy(module.logit_scale.exp() * u @ v.T, batch["captions"])
+    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ from minipa.unet import UNetConfig, load_unet
 from minipa.vae import VAEConfig, load_vae
 from minipa.weights import save_safetensors, sha256_of
 
-STAGES = ("clip", "clip_image", "vae", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
+STAGES = ("clip", "clip_image", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
 EXTRA_STAGES = ("ablation",)  # experiments for the model card, run on request
 EVAL_FILE = "eval.safetensors"  # CLIP's text projection and the evaluation classifier (not part of SD)
 
@@ -64,8 +64,9 @@ class WorldConfig:
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=500, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=2e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=16, lr=1e-3))
+    vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=800, batch_size=16, lr=5e-4, warmup=20))
     unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=1e-3, ema=0.995))
-    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2500, batch_size=64, lr=1e-3, weight_decay=0.01))
+    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, weight_decay=0.01))
     classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=400, batch_size=64, lr=2e-3))
 
     @classmethod
@@ -87,7 +88,7 @@ class WorldConfig:
             vae=dataclasses.replace(base.vae, block_out_channels=(8, 8, 8, 8), norm_num_groups=4),
             unet=dataclasses.replace(base.unet, block_out_channels=(16, 16, 16), attention_head_dim=2, cross_attention_dim=32,
                                      norm_num_groups=4),
-            clip_schedule=quick(base.clip_schedule, 8), clip_image_schedule=quick(base.clip_image_schedule, 8), vae_schedule=quick(base.vae_schedule, 4),
+            clip_schedule=quick(base.clip_schedule, 8), clip_image_schedule=quick(base.clip_image_schedule, 8), vae_schedule=quick(base.vae_schedule, 4), vae_refine_schedule=quick(base.vae_refine_schedule, 4),
             unet_schedule=quick(base.unet_schedule, 8), ip_schedule=quick(base.ip_schedule, 8),
             classifier_schedule=quick(base.classifier_schedule, 8),
         )
@@ -203,7 +204,22 @@ class World:
         torch.manual_seed(cfg.seed)
         vae = VAETraining(_init_vae(cfg.vae), self.train_set["images"])
         result = self._fit("vae", vae, cfg.vae_schedule)
-        model = vae.vae.eval()
+        return self._export_vae("vae", vae.vae, result)
+
+    def stage_vae_refine(self) -> dict:
+        """Phase 2 of the VAE: the same loss, continued from phase 1's (fp32) weights with a fresh schedule."""
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        model = _init_vae(cfg.vae)
+        state = torch.load(self.work / "vae" / "checkpoint.pt", map_location="cpu", weights_only=True)["ema"]
+        model.load_state_dict({k.removeprefix("vae."): v for k, v in state.items()}, strict=True)
+        vae = VAETraining(model, self.train_set["images"])
+        result = self._fit("vae_refine", vae, cfg.vae_refine_schedule)
+        return self._export_vae("vae_refine", vae.vae, result)
+
+    def _export_vae(self, stage: str, model, result: dict) -> dict:
+        cfg = self.config
+        model.eval()
         mean, std = encode_all(model, self.train_set["images"][:2048])
         z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
         scaling = round(1.0 / float(z.std()), 5)  # LDM's rule: unit-variance latents for the UNet
@@ -212,7 +228,7 @@ class World:
         metrics = {"psnr_test": psnr(model, ShapesDataset("test", cfg.eval_images, cfg.seed).images()), "scaling_factor": scaling}
         if self.rank == 0:
             export.save_vae(model, self.out / "vae")
-        return self._finish("vae", result, metrics)
+        return self._finish(stage, result, metrics)
 
     def diffusion_data(self) -> DiffusionData:
         """Latents (frozen VAE), text tokens (frozen text encoder) and image embeddings (frozen image
