@@ -15,6 +15,9 @@ circle from square or star from triangle (the ViT learns shapes slowly), and the
 "… circle …" and "… square …" had collapsed to cosine 0.998 to match — although the text tower's
 pooled features still separate the shapes (a linear probe: 99.4%). A trainable projection re-opens
 that gap, and locking the tower keeps the text features the UNet is trained on unchanged.
+Phase 2 also contrasts each image with *every* caption (C = 144), not only the batch's: a batch of
+64 rarely holds two captions that differ only in the shape, so in-batch negatives hardly ever ask
+the image tower for the shape; the full caption set always does.
 
 What the image embedding learns is what the captions say (shape, colour, background, size), and
 nothing else: this is the global embedding IP-Adapter reads (seed §3.2.1).
@@ -67,10 +70,11 @@ class CLIPTraining(TrainingModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.embed_images(batch["images"])  # (B, P)
-        if getattr(self, "text_pooled", None) is not None:
-            v = F.normalize(self.text_projection(self.text_pooled[batch["captions"]]), dim=-1)  # (B, P), tower locked
-        else:
-            v = self.embed_text(self.caption_ids[batch["captions"]])  # (B, P)
+        if getattr(self, "text_pooled", None) is not None:  # phase 2: every caption is a candidate, not just the batch's
+            v = F.normalize(self.text_projection(self.text_pooled), dim=-1)  # (C, P)
+            logits = self.logit_scale.exp().clamp(max=100) * u @ v.T  # (B, C)
+            return F.cross_entropy(logits, batch["captions"])
+        v = self.embed_text(self.caption_ids[batch["captions"]])  # (B, P)
         logits = self.logit_scale.exp().clamp(max=100) * u @ v.T  # (B, B): image i vs caption j
         same = (batch["captions"][:, None] == batch["captions"][None, :]).float()  # (B, B)
         target = same / same.sum(dim=1, keepdim=True)  # symmetric pattern: rows and columns alike
