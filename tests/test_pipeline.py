@@ -224,7 +224,8 @@ def test_single_file_checkpoint_gives_the_same_image_as_the_folder(tiny_world, o
         single.update({rule(state)[name]: tensor for name, tensor in state.items()})
     save_file(single, tmp_path / "tiny-sd.safetensors")
     pipe = minipa.load_pipeline(tmp_path / "tiny-sd.safetensors", configs=model)
-    assert np.array_equal(run_ours(pipe, latents), run_ours(ours_plain, latents))
+    # the same tensors from another file: only float noise from memory layout (see the .bin test above)
+    assert_images_close(run_ours(pipe, latents), run_ours(ours_plain, latents), atol=1e-5)
 
 
 def test_image_encoder_of_the_wrong_width_is_named(tiny_world, tmp_path):
