@@ -37,7 +37,8 @@ NOISE_STD = 0.05  # training augmentation: generated images are never pixel-perf
 
 
 class ShapeClassifier(nn.Module):
-    """(B, 3, 64, 64) in [-1, 1] → logits for each attribute in HEADS. Four stride-2 convolutions, 64 → 4."""
+    """(B, 3, 64, 64) in [-1, 1] → logits for each attribute in HEADS. Four stride-2 convolutions, 64 → 4,
+    then average and max pooling over positions (a shape means the same thing anywhere in the image)."""
 
     def __init__(self, width: int = 32):
         super().__init__()
@@ -46,10 +47,11 @@ class ShapeClassifier(nn.Module):
         for c_in, c_out in zip(chans, chans[1:]):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
         self.features = nn.Sequential(*layers)
-        self.heads = nn.ModuleDict({name: nn.Linear(chans[-1] * 16, n) for name, n in HEADS.items()})
+        self.heads = nn.ModuleDict({name: nn.Linear(chans[-1] * 2, n) for name, n in HEADS.items()})
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.features(pixels).flatten(1)  # (B, 2w·4·4)
+        h = self.features(pixels)  # (B, 2w, 4, 4)
+        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)  # (B, 4w): where the shape is does not matter
         return {name: head(h) for name, head in self.heads.items()}
 
 
