@@ -178,7 +178,9 @@ def generate(args) -> int:
 
     record = {
         "minipa": __version__, **settings,
-        "model": args.model or "tiny (weights/tiny)", "ip_adapter": args.ip_adapter, "image_encoder": args.image_encoder,
+        "model": args.model or "tiny (weights/tiny)",
+        "ip_adapter": args.ip_adapter or ("tiny (weights/tiny/ip-adapter.safetensors)" if pipe.ip_adapter is not None else None),
+        "image_encoder": args.image_encoder,
         "device": args.device, "dtype": args.dtype, "seconds": round(time.perf_counter() - started, 2),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
