@@ -249,11 +249,13 @@ def main(argv=None) -> dict:
     repeats = 1 if args.smoke else args.repeats
     SCALING[:] = [(64, 1), (64, 2)] if args.smoke else [(256, 1), (512, 1), (768, 1), (512, 2), (512, 4)]
 
-    results = {lib: {} for lib in ("minipa", "diffusers")}
-    for lib in results:  # fresh processes: load time and peak memory (the end-to-end run included)
-        child_result = in_fresh_process(lib, args, paths)
-        results[lib]["load_s"] = [child_result["load_s"]]
-        results[lib]["peak_memory_mb"] = [child_result["peak_bytes"] / 2**20]
+    results = {lib: {"load_s": [], "peak_memory_mb": []} for lib in ("minipa", "diffusers")}
+    for _ in range(repeats):  # fresh processes, alternating: load time and peak memory (the end-to-end run included)
+        for lib in results:
+            child_result = in_fresh_process(lib, args, paths)
+            results[lib]["load_s"].append(child_result["load_s"])
+            results[lib]["peak_memory_mb"].append(child_result["peak_bytes"] / 2**20)
+    print(f"load_s: minipa {results['minipa']['load_s']}  diffusers {results['diffusers']['load_s']}", flush=True)
     pipes = {lib: load(lib, paths, args.device, dtype) for lib in results}
     rows = {lib: tasks(lib, pipes[lib], args.device, dtype, args.size, args.steps) for lib in results}
     for name in rows["minipa"]:
@@ -272,6 +274,7 @@ def main(argv=None) -> dict:
         "rows": {name: {"minipa": statistics.median(results["minipa"][name]), "diffusers": statistics.median(results["diffusers"][name]),
                         "ratio": statistics.median(results["minipa"][name]) / statistics.median(results["diffusers"][name])}
                  for name in results["minipa"]},
+        "runs": results,  # every measurement, in the order taken
     }
     write_report(report, Path(args.out), "smoke" if args.smoke else args.device.split(":")[0])
     return report
