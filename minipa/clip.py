@@ -27,7 +27,7 @@ from torch import nn
 from . import keymap
 from .attention import attention
 from .config import ConfigError, config_from_dict, read_json
-from .weights import Checkpoint, WeightsError, load_weights
+from .weights import Checkpoint, WeightsError, build_and_load
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's cheap GELU approximation
@@ -234,7 +234,7 @@ class CLIPVisionOutput(NamedTuple):
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size))
+        self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size))  # as transformers initialises it
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
         self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
 
@@ -302,14 +302,6 @@ def _component_files(path: Path, subfolder: str, what: str) -> tuple[Path, Path]
     return path / "config.json", weights
 
 
-def _build(model_cls, config, checkpoint, names, unmatched, family, dtype, device):
-    with torch.device("meta"):
-        model = model_cls(config)
-    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device,
-                 describe=keymap.describe_checkpoint)
-    return model.eval()
-
-
 def load_text_encoder(path, *, dtype=None, device="cpu", config: CLIPTextConfig | None = None) -> CLIPTextModel:
     """SD's text encoder from a transformers `text_encoder/` folder or an LDM single-file checkpoint
     (`cond_stage_model.transformer.*`; its config is SD 1.5's unless `config=` is given)."""
@@ -323,7 +315,8 @@ def load_text_encoder(path, *, dtype=None, device="cpu", config: CLIPTextConfig 
         checkpoint = Checkpoint(weights)
     names, unmatched = keymap.clip_text_names(checkpoint.keys())
     family = f"CLIP text encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers)"
-    return _build(CLIPTextModel, config, checkpoint, names, unmatched, family, dtype, device)
+    return build_and_load(CLIPTextModel, config, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
+                          device=device, describe=keymap.describe_checkpoint)
 
 
 def load_image_encoder(path, *, dtype=None, device="cpu", config: CLIPVisionConfig | None = None) -> CLIPVisionModelWithProjection:
@@ -334,4 +327,5 @@ def load_image_encoder(path, *, dtype=None, device="cpu", config: CLIPVisionConf
     names, unmatched = keymap.clip_vision_names(checkpoint.keys())
     family = (f"CLIP vision encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
               f"projection {config.projection_dim})")
-    return _build(CLIPVisionModelWithProjection, config, checkpoint, names, unmatched, family, dtype, device)
+    return build_and_load(CLIPVisionModelWithProjection, config, checkpoint, names, family=family, unmatched=unmatched,
+                          dtype=dtype, device=device, describe=keymap.describe_checkpoint)

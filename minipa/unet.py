@@ -24,7 +24,7 @@ from .config import ConfigError, config_from_dict, read_json
 from .embeddings import TimestepEmbedding, timestep_embedding
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from .transformer import Transformer2DModel
-from .weights import Checkpoint, WeightsError, load_weights
+from .weights import Checkpoint, WeightsError, build_and_load
 
 # ─── Config ─────────────────────────────────────────────────────────────────────────────────────
 
@@ -319,9 +319,6 @@ def load_unet(
         else:  # a lone diffusers-named file
             names, unmatched = {k: k for k in checkpoint.keys()}, []
 
-    with torch.device("meta"):
-        model = UNet2DConditionModel(config)
     family = f"an SD 1.x UNet ({config.in_channels} in, {config.block_out_channels[0]} wide, text {config.cross_attention_dim})"
-    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device,
-                 describe=keymap.describe_checkpoint)
-    return model.eval()
+    return build_and_load(UNet2DConditionModel, config, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
+                          device=device, describe=keymap.describe_checkpoint)

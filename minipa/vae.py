@@ -27,7 +27,7 @@ from . import keymap
 from .attention import Attention
 from .config import config_from_dict, read_json
 from .resnet import Upsample2D
-from .weights import Checkpoint, WeightsError, load_weights
+from .weights import Checkpoint, WeightsError, build_and_load
 
 EPS = 1e-6  # every GroupNorm in SD's VAE
 
@@ -261,9 +261,6 @@ def load_vae(path, *, dtype=None, device="cpu", config: VAEConfig | None = None)
         names, unmatched = {k: k for k in checkpoint.keys()}, []
     else:
         raise WeightsError(f"{path}: no such VAE folder or checkpoint file")
-    with torch.device("meta"):
-        model = AutoencoderKL(config)
     family = f"SD VAE (AutoencoderKL, channels {config.block_out_channels}, {config.latent_channels} latent channels)"
-    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device,
-                 describe=keymap.describe_checkpoint)
-    return model.eval()
+    return build_and_load(AutoencoderKL, config, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
+                          device=device, describe=keymap.describe_checkpoint)
