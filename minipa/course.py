@@ -238,6 +238,7 @@ NEEDS_EVERY_ASSIGNMENT = (
     )),
     "tests/test_benchmark.py",  # whole files: generation end to end
     "tests/test_tiny_model.py",
+    "tests/test_notebooks.py::test_notebook_runs_top_to_bottom",  # every notebook uses several regions
 )
 
 
