@@ -315,7 +315,7 @@ def load_text_encoder(path, *, dtype=None, device="cpu", config: CLIPTextConfig 
         checkpoint = Checkpoint(weights)
     names, unmatched = keymap.clip_text_names(checkpoint.keys())
     family = f"CLIP text encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers)"
-    return build_and_load(CLIPTextModel, config, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
+    return build_and_load(lambda: CLIPTextModel(config), checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
                           device=device, describe=keymap.describe_checkpoint)
 
 
@@ -327,5 +327,5 @@ def load_image_encoder(path, *, dtype=None, device="cpu", config: CLIPVisionConf
     names, unmatched = keymap.clip_vision_names(checkpoint.keys())
     family = (f"CLIP vision encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
               f"projection {config.projection_dim})")
-    return build_and_load(CLIPVisionModelWithProjection, config, checkpoint, names, family=family, unmatched=unmatched,
+    return build_and_load(lambda: CLIPVisionModelWithProjection(config), checkpoint, names, family=family, unmatched=unmatched,
                           dtype=dtype, device=device, describe=keymap.describe_checkpoint)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from minipa.attention import Attention, attention
-from minipa.weights import Checkpoint, WeightsError, load_weights
+from minipa.weights import Checkpoint, WeightsError, build_and_load
 
 
 class ImageProjection(nn.Module):
@@ -273,9 +273,7 @@ def load_ip_adapter(path: str | Path, unet: nn.Module, *, dtype=None, device="cp
             f"{checkpoint.path}: does not match {FAMILY} with {D}-wide tokens.\n"
             f"This file looks like: {describe_ip_adapter(shapes)}."
         )
-    with torch.device("meta"):
-        adapter = IPAdapter.for_unet(unet, image_embed_dim=proj[1], num_tokens=proj[0] // D)
     names = {k: k for k in checkpoint.keys()}
-    load_weights(adapter, checkpoint, names, family=f"{FAMILY}, for this UNet", dtype=dtype, device=device, describe=describe_ip_adapter)
-    return adapter.eval()
+    return build_and_load(lambda: IPAdapter.for_unet(unet, image_embed_dim=proj[1], num_tokens=proj[0] // D), checkpoint, names,
+                          family=f"{FAMILY}, for this UNet", dtype=dtype, device=device, describe=describe_ip_adapter)
 

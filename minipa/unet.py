@@ -320,5 +320,5 @@ def load_unet(
             names, unmatched = {k: k for k in checkpoint.keys()}, []
 
     family = f"an SD 1.x UNet ({config.in_channels} in, {config.block_out_channels[0]} wide, text {config.cross_attention_dim})"
-    return build_and_load(UNet2DConditionModel, config, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
+    return build_and_load(lambda: UNet2DConditionModel(config), checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
                           device=device, describe=keymap.describe_checkpoint)

@@ -262,5 +262,5 @@ def load_vae(path, *, dtype=None, device="cpu", config: VAEConfig | None = None)
     else:
         raise WeightsError(f"{path}: no such VAE folder or checkpoint file")
     family = f"SD VAE (AutoencoderKL, channels {config.block_out_channels}, {config.latent_channels} latent channels)"
-    return build_and_load(AutoencoderKL, config, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
+    return build_and_load(lambda: AutoencoderKL(config), checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
                           device=device, describe=keymap.describe_checkpoint)

@@ -152,22 +152,11 @@ def load_weights(
     return module
 
 
-def build_and_load(
-    model_cls: Callable[..., nn.Module],
-    config,
-    checkpoint: Checkpoint,
-    names: Mapping[str, str],
-    *,
-    family: str,
-    unmatched: Iterable[str] = (),
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    describe: Callable[[dict], str] | None = None,
-) -> nn.Module:
-    """`model_cls(config)` built on `meta` (no memory), filled from `checkpoint` by `load_weights`, in eval mode."""
+def build_and_load(build: Callable[[], nn.Module], checkpoint: Checkpoint, names: Mapping[str, str], **options) -> nn.Module:
+    """`build()` run on `meta` (no memory), filled from `checkpoint` by `load_weights(…, **options)`, in eval mode."""
     with torch.device("meta"):
-        model = model_cls(config)
-    load_weights(model, checkpoint, names, family=family, unmatched=unmatched, dtype=dtype, device=device, describe=describe)
+        model = build()
+    load_weights(model, checkpoint, names, **options)
     return model.eval()
 
 
