@@ -74,7 +74,7 @@ class DecoupledCrossAttention(Attention):
         self.to_k_ip, self.to_v_ip = kv.to_k_ip, kv.to_v_ip
         self.scale = scale  # λ
 
-    def forward(self, x, context, image_tokens: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+    def forward(self, x, context, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, HW, C); context: text tokens (B, 77, D); image_tokens: (B, N, D) → (B, HW, C)."""
         if image_tokens is None:
             return super().forward(x, context)
