@@ -212,14 +212,16 @@ class CLIPTextModel(nn.Module):
         causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()  # token i attends to tokens 0..i
         return tm.final_layer_norm(tm.encoder(h, causal)[-1])  # (B, L, D)
 
-    def pool(self, input_ids: torch.Tensor, last_hidden_state: torch.Tensor) -> torch.Tensor:
-        """CLIP's sentence feature (B, D): the hidden state at the <|endoftext|> token
-        (legacy configs, eos_token_id 2: at the highest id, which is <|endoftext|> too)."""
+    def end_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) where each sequence's <|endoftext|> is: the first one (legacy configs, eos_token_id 2:
+        the highest id, which is <|endoftext|> too)."""
         if self.config.eos_token_id == 2:
-            where = input_ids.argmax(dim=-1)
-        else:
-            where = (input_ids == self.config.eos_token_id).int().argmax(dim=-1)  # first <|endoftext|>
-        return last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), where]
+            return input_ids.argmax(dim=-1)
+        return (input_ids == self.config.eos_token_id).int().argmax(dim=-1)
+
+    def pool(self, input_ids: torch.Tensor, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """CLIP's sentence feature (B, D): the hidden state at the <|endoftext|> token."""
+        return last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), self.end_positions(input_ids)]
 
 
 # ─── Vision tower ────────────────────────────────────────────────────────────────────────────────

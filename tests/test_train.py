@@ -124,6 +124,35 @@ def test_condition_dropping_rates():
         _adapter_setup(image_drop=0.5, text_drop=0.5, both_drop=0.5)
 
 
+def test_unet_batches_mix_full_partial_and_empty_captions(smoke_world):
+    """10% empty captions (for CFG), 10% partial ones (the shape alone or the background alone), and
+    each partial row's text tokens are the text encoder's output for that image's partial caption."""
+    from minipa.clip import load_text_encoder
+    from minipa.data.shapes import partial_captions
+    from minipa.tokenizer import load_tokenizer
+    from minipa.train.unet import UNetTraining
+    from minipa.train.world import World
+
+    root, _ = smoke_world
+    world = World(WorldConfig.smoke(), root / "out", root / "work", resume=True, progress=False)
+    data = world.diffusion_data()
+    module = UNetTraining(UNet2DConditionModel(WorldConfig.smoke().unet), data)
+    b = module.batch(step_generator(0, 0), 20_000)
+    full = b["caption"] == data.caption_index[b["index"]]
+    empty = b["caption"] == data.empty
+    partial = (b["caption"][:, None] == data.partial_index[b["index"]]).any(dim=1)
+    assert bool((full ^ empty ^ partial).all())  # every row is exactly one of the three
+    assert float(empty.float().mean()) == pytest.approx(0.1, abs=0.01)
+    assert float(partial.float().mean()) == pytest.approx(0.1, abs=0.01)
+    scene = world.train_set["scenes"][3]
+    encoder, tokenizer = load_text_encoder(root / "out" / "text_encoder", dtype=torch.float32), load_tokenizer(root / "out" / "tokenizer")
+    with torch.no_grad():
+        expected = encoder(tokenizer(list(partial_captions(scene))))
+    torch.testing.assert_close(data.text[data.partial_index[3]], expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="add up to more than 1"):
+        UNetTraining(module.unet, data, empty_caption_rate=0.6, partial_caption_rate=0.6)
+
+
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
     """Every stage of the tiny world, at toy size, 3 steps each (the same code as the real run)."""
@@ -233,7 +262,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert max(float((w1[k].float() - w2[k].float()).abs().max()) for k in w1) < 1e-3  # fp16 files: ≤ one fp16 step
 
 
-def test_clip_phase_two_locks_the_text_tower_and_contrasts_with_every_caption():
+def test_clip_phase_two_contrasts_each_image_with_every_caption():
+    """Phase 2's loss: CE of each image against all C captions, both towers training; encoding the
+    captions only up to the longest <|endoftext|> gives the same features as the full 77 tokens."""
     from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
     from minipa.data.shapes import caption_table, tiny_tokenizer
     from minipa.train.clip import CLIPTraining
@@ -244,12 +275,14 @@ def test_clip_phase_two_locks_the_text_tower_and_contrasts_with_every_caption():
     torch.manual_seed(0)
     module = CLIPTraining(CLIPTextModel(config.text), CLIPVisionModelWithProjection(config.vision), data.images(),
                           tiny_tokenizer()(captions), index)
-    module.freeze_text()
-    trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"image_encoder", "text_projection", "logit_scale"}
+    module.contrast_with_every_caption()
+    assert module.every_caption.shape[1] < 77
     batch = module.batch(step_generator(0, 0), 4)
     loss = module(batch)
     u = module.embed_images(batch["images"])
-    v = torch.nn.functional.normalize(module.text_projection(module.text_pooled), dim=-1)  # all C captions
+    v = module.embed_text(module.caption_ids)  # all C captions, all 77 positions
     expected = torch.nn.functional.cross_entropy(module.logit_scale.exp() * u @ v.T, batch["captions"])
-    assert torch.allclose(loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert module.text_encoder.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0  # the text tower trains too
+    assert all(p.grad is not None for p in module.image_encoder.parameters() if p.requires_grad)

@@ -34,11 +34,11 @@ from minipa.tokenizer import END, START, CLIPTokenizer, bytes_to_unicode
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215), "yellow": (240, 205, 35), "purple": (140, 50, 170)}
 BACKGROUNDS = tuple(COLOURS)  # the same palette; a shape never has its background's colour
-SIZES = {"small": 0.15, "large": 0.27}  # the shape's radius as a fraction of the image side
+SIZES = {"small": 0.2, "large": 0.3}  # the shape's radius as a fraction of the image side
 PATTERNS = ("plain", "striped")  # never in a caption
 RESOLUTION = 64  # pixels; the tiny VAE turns 64×64×3 into 8×8×4
 SUPERSAMPLE = 4  # draw at 4× and average 4×4 blocks: anti-aliased edges, exactly reproducible
-STRIPE_PERIOD = 8  # pixels at 64×64; the dark half of each period is the colour at STRIPE_SHADE brightness
+STRIPE_PERIOD = 16  # pixels at 64×64; the dark half of each period is the colour at STRIPE_SHADE brightness
 STRIPE_SHADE = 0.45
 SPLITS = ("train", "test", "heldout")
 NUM_HELD_OUT = 8  # of the 4 × 5 × 4 = 80 (shape, colour, background) combinations
@@ -91,7 +91,7 @@ def sample_scene(seed: int, split: str, index: int) -> Scene:
     shape, colour, background = combos[rng.integers(len(combos))]
     size = list(SIZES)[rng.integers(len(SIZES))]
     pattern = PATTERNS[rng.integers(len(PATTERNS))]
-    margin = SIZES[size] + 0.04  # keep the whole shape inside the image
+    margin = 1.15 * SIZES[size] + 0.02  # keep the whole shape (a star's points reach 1.15 radii) inside the image
     x, y = rng.uniform(margin, 1 - margin, size=2)
     return Scene(shape, colour, background, size, pattern, float(x), float(y))
 
@@ -240,6 +240,15 @@ def tiny_tokenizer() -> CLIPTokenizer:
     vocab_list = list(dict.fromkeys(vocab_list)) + [START, END]
     vocab = {token: i for i, token in enumerate(vocab_list)}
     return CLIPTokenizer(vocab, merges)
+
+
+def partial_captions(scene: Scene) -> tuple[str, str]:
+    """Two captions that leave part of the scene out: the shape alone, or the background alone.
+
+    The UNet sees them now and then (`UNetTraining`), so that text can ask for part of an image and an
+    image prompt can supply the rest: "on a blue background" + a picture of a red star.
+    """
+    return f"a {scene.size} {scene.colour} {scene.shape}", f"on a {scene.background} background"
 
 
 def caption_table(scenes: list[Scene]) -> tuple[list[str], torch.Tensor]:

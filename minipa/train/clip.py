@@ -9,15 +9,17 @@ Our captions repeat (many images share "a small red star on a blue background"),
 of image i spreads evenly over every caption in the batch that *is* its caption, instead of CLIP's
 one-hot diagonal. Under torchrun each process contrasts its own slice of the batch.
 
-A second phase (stage "clip_image") locks the text tower and trains the image tower and the text
-projection on. Measured here: after phase 1 the image tower told colours and sizes apart but not
-circle from square or star from triangle (the ViT learns shapes slowly), and the text embeddings of
-"… circle …" and "… square …" had collapsed to cosine 0.998 to match — although the text tower's
-pooled features still separate the shapes (a linear probe: 99.4%). A trainable projection re-opens
-that gap, and locking the tower keeps the text features the UNet is trained on unchanged.
-Phase 2 also contrasts each image with *every* caption (C = 144), not only the batch's: a batch of
-64 rarely holds two captions that differ only in the shape, so in-batch negatives hardly ever ask
-the image tower for the shape; the full caption set always does.
+A second phase (stage "clip_image") contrasts each image with *every* caption (C = 144), not only
+the batch's: a batch rarely holds two captions that differ only in the shape, so in-batch negatives
+hardly ever ask for the shape; the full caption set always does. Measured here: after phase 1 the
+image tower told colours and sizes apart but not circle from square or star from triangle (the ViT
+learns shapes slowly), and the text tower had followed it — the hidden states of "… circle …" and
+"… square …" at the shape word had cosine 0.995. Both towers keep training in phase 2, so the text
+tower separates the shapes again as the image tower learns them: the UNet reads these hidden states,
+and with the text tower locked after phase 1 (our first recipe) it drew the right pair (round or
+pointed) but a coin toss within it.
+Captions are encoded only up to the longest one's <|endoftext|>: the text tower is causal, so the
+states there do not depend on the padding after it (the same numbers, a fraction of the work).
 
 What the image embedding learns is what the captions say (shape, colour, background, size), and
 nothing else: this is the global embedding IP-Adapter reads (seed §3.2.1).
@@ -48,12 +50,10 @@ class CLIPTraining(TrainingModule):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # τ, learned, as in CLIP
         self.images, self.caption_ids, self.caption_index = images, caption_ids, caption_index
 
-    def freeze_text(self) -> None:
-        """Phase 2: lock the text tower (the UNet is trained on its features); the image tower and the
-        text projection keep learning. The text tower's pooled caption features are computed once."""
-        self.text_encoder.requires_grad_(False)
-        with torch.no_grad():
-            self.text_pooled = self.text_encoder.pool(self.caption_ids, self.text_encoder(self.caption_ids))  # (C, D)
+    def contrast_with_every_caption(self) -> None:
+        """Phase 2: each image against all C captions (not only the batch's); both towers train."""
+        longest = int(self.text_encoder.end_positions(self.caption_ids).max()) + 1
+        self.every_caption = self.caption_ids[:, :longest]  # (C, L): the tower is causal, so the padding changes nothing
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         index = torch.randint(len(self.images), (size,), generator=generator)
@@ -70,8 +70,8 @@ class CLIPTraining(TrainingModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.embed_images(batch["images"])  # (B, P)
-        if getattr(self, "text_pooled", None) is not None:  # phase 2: every caption is a candidate, not just the batch's
-            v = F.normalize(self.text_projection(self.text_pooled), dim=-1)  # (C, P)
+        if getattr(self, "every_caption", None) is not None:  # phase 2: every caption is a candidate, not just the batch's
+            v = self.embed_text(self.every_caption)  # (C, P)
             logits = self.logit_scale.exp().clamp(max=100) * u @ v.T  # (B, C)
             return F.cross_entropy(logits, batch["captions"])
         v = self.embed_text(self.caption_ids[batch["captions"]])  # (B, P)

@@ -7,7 +7,9 @@ tiny-CLIP text features.
     L  = ‖ε − ε_θ(x_t, c, t)‖²                  (seed eq. 1, `diffusion_loss`)
 
 c is the caption's text tokens, replaced by the empty caption's 10% of the time, so that the same
-network also predicts ε_θ(x_t, t) for classifier-free guidance (seed eq. 2).
+network also predicts ε_θ(x_t, t) for classifier-free guidance (seed eq. 2), and by a partial caption
+(the shape alone, or the background alone; `partial_captions`) another 10%, so that a prompt may leave
+part of the image to an image prompt.
 The VAE and the text encoder are frozen: their outputs are computed once, before training
 (`DiffusionData`), which is most of what makes this stage affordable on a CPU.
 """
@@ -23,6 +25,7 @@ from minipa.train.trainer import TrainingModule
 from minipa.unet import UNet2DConditionModel
 
 EMPTY_CAPTION_RATE = 0.1
+PARTIAL_CAPTION_RATE = 0.1
 
 
 @dataclass
@@ -35,6 +38,7 @@ class DiffusionData:
     text: torch.Tensor  # (C + 1, 77, D): the text tokens of each distinct caption; the last row is ""
     caption_index: torch.Tensor  # (N,) row of `text` for each image
     image_embeds: torch.Tensor | None = None  # (N, E): tiny-CLIP image embeddings, for IP-Adapter
+    partial_index: torch.Tensor | None = None  # (N, P): rows of `text` with partial captions of each image
 
     @property
     def empty(self) -> int:
@@ -42,9 +46,13 @@ class DiffusionData:
 
 
 class UNetTraining(TrainingModule):
-    def __init__(self, unet: UNet2DConditionModel, data: DiffusionData, empty_caption_rate: float = EMPTY_CAPTION_RATE):
+    def __init__(self, unet: UNet2DConditionModel, data: DiffusionData, empty_caption_rate: float = EMPTY_CAPTION_RATE,
+                 partial_caption_rate: float = PARTIAL_CAPTION_RATE):
         super().__init__()
-        self.unet, self.data, self.empty_caption_rate = unet, data, empty_caption_rate
+        if empty_caption_rate + partial_caption_rate > 1:
+            raise ValueError(f"caption rates add up to more than 1: empty {empty_caption_rate} + partial {partial_caption_rate}")
+        self.unet, self.data = unet, data
+        self.empty_caption_rate, self.partial_caption_rate = empty_caption_rate, partial_caption_rate
         self.alphas_cumprod = NoiseSchedule().alphas_cumprod  # SD 1.5's schedule (scaled_linear, T = 1000)
 
     def draw(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
@@ -60,8 +68,14 @@ class UNetTraining(TrainingModule):
         }
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        """The shared draw; then u < empty rate: the empty caption, u ≥ 1 − partial rate: a partial one."""
         b = self.draw(generator, size)
-        b["caption"] = torch.where(b["u"] < self.empty_caption_rate, self.data.empty, self.data.caption_index[b["index"]])
+        caption = self.data.caption_index[b["index"]]
+        if self.data.partial_index is not None:
+            which = torch.randint(self.data.partial_index.shape[1], (size,), generator=generator)
+            partial = self.data.partial_index[b["index"], which]
+            caption = torch.where(b["u"] >= 1 - self.partial_caption_rate, partial, caption)
+        b["caption"] = torch.where(b["u"] < self.empty_caption_rate, self.data.empty, caption)
         return b
 
     def noisy_latents(self, b: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -21,7 +21,9 @@ import torch
 import torch.distributed as dist
 
 from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, load_image_encoder, load_text_encoder
-from minipa.data.shapes import ShapesDataset, caption_table, clip_pixels, describe_domain, scene_labels, tiny_tokenizer
+from minipa.data.shapes import (
+    ShapesDataset, caption_table, clip_pixels, describe_domain, partial_captions, scene_labels, tiny_tokenizer,
+)
 from minipa.ddpm import ScheduleConfig
 from minipa.ip_adapter import IPAdapter
 from minipa.tokenizer import load_tokenizer
@@ -64,9 +66,9 @@ class WorldConfig:
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=500, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=2e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=16, lr=1e-3))
-    vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=800, batch_size=16, lr=5e-4, warmup=20))
-    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=1e-3, ema=0.995))
-    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, weight_decay=0.01))
+    vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1200, batch_size=16, lr=5e-4, warmup=20))
+    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, ema=0.995))
+    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=1e-3, weight_decay=0.01))
     classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=2e-3))
 
     @classmethod
@@ -172,7 +174,7 @@ class World:
         return self._finish("clip", result, metrics)
 
     def stage_clip_image(self) -> dict:
-        """Phase 2 of CLIP: the image tower alone, against the locked text tower (see train/clip.py)."""
+        """Phase 2 of CLIP: both towers on, each image contrasted with every caption (see train/clip.py)."""
         from safetensors.torch import load_file
 
         data, cfg = self.train_set, self.config
@@ -184,10 +186,11 @@ class World:
         with torch.no_grad():
             module.text_projection.weight.copy_(extra["text_projection.weight"])
             module.logit_scale.copy_(extra["logit_scale"][0])
-        module.freeze_text()
+        module.contrast_with_every_caption()
         result = self._fit("clip_image", module, cfg.clip_image_schedule)
         metrics = self._clip_metrics(module, tokenizer)
         if self.rank == 0:
+            export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
             export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
             save_safetensors({"text_projection.weight": module.text_projection.weight,
                               "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / "clip_image" / "projection.safetensors")
@@ -235,7 +238,7 @@ class World:
         encoder) of every training image: computed once (each process its share), cached in --work."""
         frozen = [self.out / "vae" / "diffusion_pytorch_model.safetensors", self.out / "text_encoder" / "model.safetensors",
                   self.out / "image_encoder" / "model.safetensors"]
-        key = [sha256_of(p) for p in frozen]
+        key = [sha256_of(p) for p in frozen] + ["partial captions"]
         cache = self.work / "diffusion_data.pt"
         if cache.is_file():
             state = torch.load(cache, weights_only=True)
@@ -253,12 +256,15 @@ class World:
         packed = self._split_rows(rows, len(data["images"]))
         latent = torch.Size((vae.config.latent_channels, *encode_all(vae, data["images"][:1])[0].shape[2:]))
         mean, std, embeds = packed.split([latent.numel(), latent.numel(), packed.shape[1] - 2 * latent.numel()], dim=1)
+        partial = [partial_captions(s) for s in data["scenes"]]
+        captions = data["captions"] + sorted({c for pair in partial for c in pair})  # full ones first, as caption_index counts
+        row = {c: i for i, c in enumerate(captions)}
         text_encoder = load_text_encoder(self.out / "text_encoder", dtype=torch.float32)
         with torch.no_grad():
-            text = text_encoder(load_tokenizer(self.out / "tokenizer")(data["captions"] + [""]))  # (C + 1, 77, D)
+            text = text_encoder(load_tokenizer(self.out / "tokenizer")(captions + [""]))  # (C + 1, 77, D): "" last
         fields = {"latent_mean": mean.reshape(-1, *latent).contiguous(), "latent_std": std.reshape(-1, *latent).contiguous(),
                   "scaling_factor": vae.config.scaling_factor, "text": text, "caption_index": data["caption_index"],
-                  "image_embeds": embeds.contiguous()}
+                  "image_embeds": embeds.contiguous(), "partial_index": torch.tensor([[row[c] for c in pair] for pair in partial])}
         if self.rank == 0:
             from minipa.train.trainer import save_atomically
 
