@@ -49,6 +49,7 @@ class CLIPTraining(TrainingModule):
         self.text_projection = nn.Linear(width, dim, bias=False)  # CLIPModel's; SD does not ship it
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # τ, learned, as in CLIP
         self.images, self.caption_ids, self.caption_index = images, caption_ids, caption_index
+        self.every_caption = None  # phase 2's candidates: (C, L) token ids, set by contrast_with_every_caption
 
     def contrast_with_every_caption(self) -> None:
         """Phase 2: each image against all C captions (not only the batch's); both towers train."""
@@ -70,7 +71,7 @@ class CLIPTraining(TrainingModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.embed_images(batch["images"])  # (B, P)
-        if getattr(self, "every_caption", None) is not None:  # phase 2: every caption is a candidate, not just the batch's
+        if self.every_caption is not None:  # phase 2: every caption is a candidate, not just the batch's
             v = self.embed_text(self.every_caption)  # (C, P)
             logits = self.logit_scale.exp().clamp(max=100) * u @ v.T  # (B, C)
             return F.cross_entropy(logits, batch["captions"])

@@ -238,7 +238,12 @@ class World:
         encoder) of every training image: computed once (each process its share), cached in --work."""
         frozen = [self.out / "vae" / "diffusion_pytorch_model.safetensors", self.out / "text_encoder" / "model.safetensors",
                   self.out / "image_encoder" / "model.safetensors"]
-        key = [sha256_of(p) for p in frozen] + ["partial captions"]
+        # the captions are part of the cache key; their scenes need no rendering
+        scenes = self._train["scenes"] if self._train else ShapesDataset("train", self.config.train_images, self.config.seed).scenes()
+        full, caption_index = caption_table(scenes)
+        partial = [partial_captions(s) for s in scenes]
+        captions = full + sorted({c for pair in partial for c in pair})  # full ones first, as caption_index counts
+        key = [sha256_of(p) for p in frozen] + captions  # a new frozen model or new captions: compute again
         cache = self.work / "diffusion_data.pt"
         if cache.is_file():
             state = torch.load(cache, weights_only=True)
@@ -256,14 +261,12 @@ class World:
         packed = self._split_rows(rows, len(data["images"]))
         latent = torch.Size((vae.config.latent_channels, *encode_all(vae, data["images"][:1])[0].shape[2:]))
         mean, std, embeds = packed.split([latent.numel(), latent.numel(), packed.shape[1] - 2 * latent.numel()], dim=1)
-        partial = [partial_captions(s) for s in data["scenes"]]
-        captions = data["captions"] + sorted({c for pair in partial for c in pair})  # full ones first, as caption_index counts
         row = {c: i for i, c in enumerate(captions)}
         text_encoder = load_text_encoder(self.out / "text_encoder", dtype=torch.float32)
         with torch.no_grad():
             text = text_encoder(load_tokenizer(self.out / "tokenizer")(captions + [""]))  # (C + 1, 77, D): "" last
         fields = {"latent_mean": mean.reshape(-1, *latent).contiguous(), "latent_std": std.reshape(-1, *latent).contiguous(),
-                  "scaling_factor": vae.config.scaling_factor, "text": text, "caption_index": data["caption_index"],
+                  "scaling_factor": vae.config.scaling_factor, "text": text, "caption_index": caption_index,
                   "image_embeds": embeds.contiguous(), "partial_index": torch.tensor([[row[c] for c in pair] for pair in partial])}
         if self.rank == 0:
             from minipa.train.trainer import save_atomically
