@@ -276,11 +276,12 @@ def test_clip_phase_two_contrasts_each_image_with_every_caption():
     module = CLIPTraining(CLIPTextModel(config.text), CLIPVisionModelWithProjection(config.vision), data.images(),
                           tiny_tokenizer()(captions), index)
     module.contrast_with_every_caption()
-    assert module.every_caption.shape[1] < 77
+    assert module.caption_ids.shape[1] < 77
     batch = module.batch(step_generator(0, 0), 4)
     loss = module(batch)
-    u = module.embed_images(batch["images"])
-    v = module.embed_text(module.caption_ids)  # all C captions, all 77 positions
+    index = torch.randint(len(data), (4,), generator=step_generator(0, 0))  # the batch's draw
+    u = module.embed_images(data.images()[index])  # resized afresh (the module keeps its images resized)
+    v = module.embed_text(tiny_tokenizer()(captions))  # all C captions, all 77 positions
     expected = torch.nn.functional.cross_entropy(module.logit_scale.exp() * u @ v.T, batch["captions"])
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     loss.backward()

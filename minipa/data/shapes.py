@@ -34,7 +34,7 @@ from minipa.tokenizer import END, START, CLIPTokenizer, bytes_to_unicode
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215), "yellow": (240, 205, 35), "purple": (140, 50, 170)}
 BACKGROUNDS = tuple(COLOURS)  # the same palette; a shape never has its background's colour
-SIZES = {"small": 0.2, "large": 0.3}  # the shape's radius as a fraction of the image side
+SIZES = {"small": 0.25, "large": 0.33}  # the shape's radius as a fraction of the image side
 PATTERNS = ("plain", "striped")  # never in a caption
 RESOLUTION = 64  # pixels; the tiny VAE turns 64×64×3 into 8×8×4
 SUPERSAMPLE = 4  # draw at 4× and average 4×4 blocks: anti-aliased edges, exactly reproducible
@@ -195,12 +195,18 @@ def _bicubic_matrix(size_in: int, size_out: int) -> torch.Tensor:
 
 def clip_pixels(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     """uint8 (B, h, w, 3) square images → (B, 3, size, size): `preprocess_image` for a batch, in torch.
+    The same as `clip_normalise(clip_resize(images, size))`."""
+    return clip_normalise(clip_resize(images, size))
+
+
+def clip_resize(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
+    """uint8 (B, h, h, 3) → uint8 (B, 3, size, size): PIL's bicubic resize, for a batch, in torch.
 
     PIL resizes an 8-bit image in two passes (width, then height), rounding to 8 bits after each;
     bicubic weights are a fixed matrix R, so each pass is one matmul: Y = round(R · X). Square images
     need no crop. Matches `preprocess_image` to within two 8-bit steps (PIL rounds its fixed-point
-    weights; a test checks it), and runs
-    a training batch in milliseconds instead of one PIL call per image.
+    weights; a test checks it), and runs a training batch in milliseconds instead of one PIL call per
+    image. The result is 8-bit, so a training set can keep its resized images (CLIP training does).
     """
     images = torch.as_tensor(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
@@ -209,9 +215,14 @@ def clip_pixels(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     x = images.float().movedim(-1, 1)  # (B, 3, h, w)
     x = torch.matmul(x, R.T).round().clamp(0, 255)  # width pass: (B, 3, h, size)
     x = torch.matmul(R, x).round().clamp(0, 255)  # height pass: (B, 3, size, size)
+    return x.to(torch.uint8)
+
+
+def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float, with CLIP's mean and std per channel."""
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x / 255 - mean) / std
+    return (pixels.float() / 255 - mean) / std
 
 
 # ─── The tiny world's tokenizer ──────────────────────────────────────────────────────────────────

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
-from minipa.data.shapes import clip_pixels
+from minipa.data.shapes import clip_normalise, clip_resize
 from minipa.train.trainer import TrainingModule
 
 
@@ -48,31 +48,38 @@ class CLIPTraining(TrainingModule):
         width, dim = text_encoder.config.hidden_size, image_encoder.config.projection_dim
         self.text_projection = nn.Linear(width, dim, bias=False)  # CLIPModel's; SD does not ship it
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # τ, learned, as in CLIP
-        self.images, self.caption_ids, self.caption_index = images, caption_ids, caption_index
-        self.every_caption = None  # phase 2's candidates: (C, L) token ids, set by contrast_with_every_caption
+        # resized once (uint8, 150 kB an image): the bicubic resize to 224 was a third of every step
+        self.pixels = torch.cat([clip_resize(images[i : i + 512]) for i in range(0, len(images), 512)])
+        longest = int(text_encoder.end_positions(caption_ids).max()) + 1
+        self.caption_ids = caption_ids[:, :longest]  # (C, L): the tower is causal, so the padding changes nothing
+        self.caption_index = caption_index
+        self.every_caption = False  # phase 2, set by contrast_with_every_caption
 
     def contrast_with_every_caption(self) -> None:
         """Phase 2: each image against all C captions (not only the batch's); both towers train."""
-        longest = int(self.text_encoder.end_positions(self.caption_ids).max()) + 1
-        self.every_caption = self.caption_ids[:, :longest]  # (C, L): the tower is causal, so the padding changes nothing
+        self.every_caption = True
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
-        index = torch.randint(len(self.images), (size,), generator=generator)
-        return {"images": self.images[index], "captions": self.caption_index[index]}
+        index = torch.randint(len(self.pixels), (size,), generator=generator)
+        return {"pixels": self.pixels[index], "captions": self.caption_index[index]}
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, 77) token ids → (B, P) unit vectors."""
+        """(B, L) token ids → (B, P) unit vectors."""
         hidden = self.text_encoder(ids)  # (B, 77, D)
         return F.normalize(self.text_projection(self.text_encoder.pool(ids, hidden)), dim=-1)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 64, 64, 3) uint8 → (B, P) unit vectors."""
-        return F.normalize(self.image_encoder(clip_pixels(images)).image_embeds, dim=-1)
+        return self.embed_pixels(clip_resize(images))
+
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 224, 224) uint8, already resized → (B, P) unit vectors."""
+        return F.normalize(self.image_encoder(clip_normalise(pixels)).image_embeds, dim=-1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self.embed_images(batch["images"])  # (B, P)
-        if self.every_caption is not None:  # phase 2: every caption is a candidate, not just the batch's
-            v = self.embed_text(self.every_caption)  # (C, P)
+        u = self.embed_pixels(batch["pixels"])  # (B, P)
+        if self.every_caption:  # phase 2: every caption is a candidate, not just the batch's
+            v = self.embed_text(self.caption_ids)  # (C, P)
             logits = self.logit_scale.exp().clamp(max=100) * u @ v.T  # (B, C)
             return F.cross_entropy(logits, batch["captions"])
         v = self.embed_text(self.caption_ids[batch["captions"]])  # (B, P)
