@@ -210,7 +210,7 @@ def clip_resize(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     """
     images = torch.as_tensor(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
-        raise ValueError(f"clip_pixels expects square uint8 images (B, h, h, 3), got {tuple(images.shape)}")
+        raise ValueError(f"clip_resize/clip_pixels expect square uint8 images (B, h, h, 3), got {tuple(images.shape)}")
     R = _bicubic_matrix(images.shape[1], size)  # (size, h)
     x = images.float().movedim(-1, 1)  # (B, 3, h, w)
     x = torch.matmul(x, R.T).round().clamp(0, 255)  # width pass: (B, 3, h, size)

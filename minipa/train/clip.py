@@ -65,7 +65,7 @@ class CLIPTraining(TrainingModule):
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, P) unit vectors."""
-        hidden = self.text_encoder(ids)  # (B, 77, D)
+        hidden = self.text_encoder(ids)  # (B, L, D)
         return F.normalize(self.text_projection(self.text_encoder.pool(ids, hidden)), dim=-1)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
