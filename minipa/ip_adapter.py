@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from minipa.attention import Attention, attention
@@ -43,6 +44,74 @@ class ImageProjection(nn.Module):
         tokens = tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)  # (B, N, D)
         return self.norm(tokens)
         # END ASSIGNMENT 7
+
+
+class PerceiverAttention(nn.Module):
+    """The Resampler's attention: learned queries (latents) read the image features and themselves.
+
+    Keys and values come from [features; latents] (the latents see each other too); one `to_kv`
+    holds Wk and Wv stacked, as in the official files. No biases.
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int = 64):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)  # for the image features
+        self.norm2 = nn.LayerNorm(dim)  # for the latents
+        self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * heads * head_dim, bias=False)
+        self.to_out = nn.Linear(heads * head_dim, dim, bias=False)
+
+    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """features: (B, L, dim), latents: (B, Q, dim) → (B, Q, dim), the update to add to the latents."""
+        features, latents = self.norm1(features), self.norm2(latents)
+        split = lambda t: rearrange(t, "b l (heads d) -> b heads l d", heads=self.heads)  # noqa: E731
+        q = split(self.to_q(latents))
+        k, v = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)  # (B, L + Q, inner) each
+        out = attention(q, split(k), split(v))  # (B, heads, Q, d)
+        return self.to_out(rearrange(out, "b heads q d -> b q (heads d)"))
+
+
+class Resampler(nn.Module):
+    """IP-Adapter Plus's image projection: patch features (B, L, E) → N image tokens (B, N, D).
+
+    A Perceiver resampler: N learned queries (`latents`) go through `depth` blocks of attention over
+    the CLIP image encoder's penultimate hidden states (every patch, not just the class token) and a
+    feed-forward layer, both residual; then a Linear to the text-token width D and a LayerNorm.
+    The global embedding keeps *what* is in the image; the patches also keep *where* and *how*
+    (shape outlines, textures), which is the fine detail the Plus variant exists for.
+    """
+
+    def __init__(self, embed_dim: int, output_dim: int, *, hidden_dim: int | None = None, num_tokens: int = 16, depth: int = 4,
+                 heads: int | None = None, head_dim: int = 64, ff_mult: int = 4):
+        """Defaults are the official SD 1.5 Plus: hidden = output width, 4 blocks, heads of 64, 16 tokens."""
+        super().__init__()
+        self.num_tokens = num_tokens
+        hidden_dim = hidden_dim or output_dim
+        heads = heads or max(1, hidden_dim // head_dim)
+        self.latents = nn.Parameter(torch.randn(1, num_tokens, hidden_dim) / hidden_dim**0.5)
+        self.proj_in = nn.Linear(embed_dim, hidden_dim)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([
+                PerceiverAttention(hidden_dim, heads, head_dim),
+                nn.Sequential(nn.LayerNorm(hidden_dim), nn.Linear(hidden_dim, ff_mult * hidden_dim, bias=False), nn.GELU(),
+                              nn.Linear(ff_mult * hidden_dim, hidden_dim, bias=False)),
+            ])
+            for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(hidden_dim, output_dim)
+        self.norm_out = nn.LayerNorm(output_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features: (…, L, E), e.g. CLIP's hidden_states[-2] → (…, N, D)."""
+        lead = features.shape[:-2]
+        x = self.proj_in(features.reshape(-1, *features.shape[-2:]))  # (B, L, hidden)
+        latents = self.latents.expand(len(x), -1, -1)
+        for attn, ff in self.layers:
+            latents = latents + attn(x, latents)
+            latents = latents + ff(latents)
+        tokens = self.norm_out(self.proj_out(latents))  # (B, N, D)
+        return tokens.reshape(*lead, *tokens.shape[1:])
 
 
 class ImageKeyValue(nn.Module):
@@ -120,18 +189,26 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class IPAdapter(nn.Module):
-    """image_proj + one `ImageKeyValue` per cross-attention layer; state_dict keys are the official ones."""
+    """image_proj + one `ImageKeyValue` per cross-attention layer; state_dict keys are the official ones.
 
-    def __init__(self, image_embed_dim: int, cross_attention_dim: int, inner_dims: Mapping[int, int], num_tokens: int = 4):
+    `resampler=None` is the base adapter (`ImageProjection` over the global embedding, E = its width);
+    a dict of `Resampler` options (may be empty) makes IP-Adapter Plus (E = the encoder's hidden width).
+    """
+
+    def __init__(self, image_embed_dim: int, cross_attention_dim: int, inner_dims: Mapping[int, int], num_tokens: int = 4,
+                 *, resampler: Mapping | None = None):
         super().__init__()
-        self.image_proj = ImageProjection(image_embed_dim, cross_attention_dim, num_tokens)
+        if resampler is None:
+            self.image_proj = ImageProjection(image_embed_dim, cross_attention_dim, num_tokens)
+        else:
+            self.image_proj = Resampler(image_embed_dim, cross_attention_dim, num_tokens=num_tokens, **resampler)
         self.ip_adapter = nn.ModuleDict({str(i): ImageKeyValue(cross_attention_dim, dim) for i, dim in inner_dims.items()})
 
     @classmethod
-    def for_unet(cls, unet: nn.Module, image_embed_dim: int, num_tokens: int = 4) -> "IPAdapter":
+    def for_unet(cls, unet: nn.Module, image_embed_dim: int, num_tokens: int = 4, *, resampler: Mapping | None = None) -> "IPAdapter":
         """An adapter shaped for `unet` (randomly initialised; see `init_from_text_attention`)."""
         dims = {i: attn.to_k.out_features for i, _, attn in cross_attention_layers(unet)}
-        return cls(image_embed_dim, unet.config.cross_attention_dim, dims, num_tokens)
+        return cls(image_embed_dim, unet.config.cross_attention_dim, dims, num_tokens, resampler=resampler)
 
     @torch.no_grad()
     def init_from_text_attention(self, unet: nn.Module) -> None:
@@ -141,10 +218,16 @@ class IPAdapter(nn.Module):
             kv.to_k_ip.weight.copy_(attn.to_k.weight)
             kv.to_v_ip.weight.copy_(attn.to_v.weight)
 
+    @property
+    def plus(self) -> bool:
+        """True for IP-Adapter Plus: a `Resampler` over patch features instead of a Linear over the embedding."""
+        return isinstance(self.image_proj, Resampler)
+
     def image_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, E) or (B, n_images, E) → image tokens (B, n_images·N, D): several images share one attention."""
-        if image_embeds.ndim == 2:
-            image_embeds = image_embeds[:, None]
+        """Image tokens (B, n_images·N, D) from (B, E) or (B, n_images, E) embeddings, or, for Plus, from
+        (B, L, E) or (B, n_images, L, E) patch features: several images share one attention."""
+        if image_embeds.ndim == (3 if self.plus else 2):
+            image_embeds = image_embeds.unsqueeze(1)
         tokens = self.image_proj(image_embeds)  # (B, n_images, N, D)
         return tokens.flatten(1, 2)
 
@@ -240,14 +323,12 @@ def set_ip_scale(unet: nn.Module, scale: float | Mapping) -> None:
 
 # ─── Loading the official checkpoints ───────────────────────────────────────────────────────────
 
-FAMILY = "a base IP-Adapter for SD 1.x (image_proj = Linear + LayerNorm, to_k_ip/to_v_ip per cross-attention layer)"
+FAMILY = "an IP-Adapter for SD 1.x (base: image_proj = Linear + LayerNorm; Plus: a Resampler; to_k_ip/to_v_ip per cross-attention layer)"
 
 
 def describe_ip_adapter(shapes: Mapping[str, tuple]) -> str:
     """A guess at which IP-Adapter variant a file holds, from its key names and shapes."""
     keys = list(shapes)
-    if any(k.startswith(("image_proj.latents", "image_proj.layers.")) for k in keys):
-        return "an IP-Adapter Plus (a Perceiver Resampler in image_proj), which minipa does not support yet"
     if any(k.startswith("image_proj.proj.0") or "perceiver" in k for k in keys):
         return "an IP-Adapter FaceID (an MLP image projection over face embeddings), which minipa does not support"
     widths = {shape[1] for k, shape in shapes.items() if k.endswith("to_k_ip.weight")}
@@ -255,25 +336,42 @@ def describe_ip_adapter(shapes: Mapping[str, tuple]) -> str:
         return "an IP-Adapter for SDXL (2048-wide text tokens)"
     if not any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
         return "not an IP-Adapter (no image_proj./ip_adapter. keys)"
-    return f"an IP-Adapter whose image branch takes {sorted(widths)}-wide tokens"
+    variant = "an IP-Adapter Plus (a Resampler in image_proj)" if "image_proj.latents" in shapes else "an IP-Adapter"
+    return f"{variant} whose image branch takes {sorted(widths)}-wide tokens"
+
+
+def _resampler_options(shapes: Mapping[str, tuple], D: int) -> tuple[int, int, dict] | None:
+    """(E, N, Resampler options) read from an IP-Adapter Plus file's shapes; None if they do not fit."""
+    latents, proj_in, q, ff = (shapes.get(f"image_proj.{k}") for k in ("latents", "proj_in.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"))
+    if latents is None or proj_in is None or q is None or ff is None or len(latents) != 3 or shapes.get("image_proj.proj_out.weight", (None,))[0] != D:
+        return None
+    hidden = latents[2]
+    depth = len({k.split(".")[2] for k in shapes if k.startswith("image_proj.layers.")})
+    heads, head_dim = (q[0] // 64, 64) if q[0] % 64 == 0 else (1, q[0])  # the official heads are 64 wide
+    return proj_in[1], latents[1], dict(hidden_dim=hidden, depth=depth, heads=heads, head_dim=head_dim, ff_mult=ff[0] // hidden)
 
 
 def load_ip_adapter(path: str | Path, unet: nn.Module, *, dtype=None, device="cpu") -> IPAdapter:
-    """Load `ip-adapter_sd15.bin` (nested) or `.safetensors` (flat) for `unet`; strict about every key.
+    """Load an official IP-Adapter for `unet`, `.bin` (nested) or `.safetensors` (flat); strict about every key.
 
-    The image-embedding width E and the token count N are read from `image_proj.proj.weight`
-    ((N·D, E)); D must be the UNet's text-token width.
+    Base (`ip-adapter_sd15`): E and N are read from `image_proj.proj.weight` ((N·D, E)).
+    Plus (`ip-adapter-plus_sd15`): the Resampler's sizes from its `latents` ((1, N, hidden)), `proj_in`
+    ((hidden, E)) and layers. D must be the UNet's text-token width.
     """
     checkpoint = Checkpoint(path)
     shapes = checkpoint.shapes
-    proj = shapes.get("image_proj.proj.weight")
     D = unet.config.cross_attention_dim
-    if proj is None or len(proj) != 2 or proj[0] % D:
+    proj = shapes.get("image_proj.proj.weight")
+    if "image_proj.latents" in shapes and (plus := _resampler_options(shapes, D)) is not None:
+        image_embed_dim, num_tokens, resampler = plus
+    elif proj is not None and len(proj) == 2 and proj[0] % D == 0:
+        image_embed_dim, num_tokens, resampler = proj[1], proj[0] // D, None
+    else:
         raise WeightsError(
             f"{checkpoint.path}: does not match {FAMILY} with {D}-wide tokens.\n"
             f"This file looks like: {describe_ip_adapter(shapes)}."
         )
     names = {k: k for k in checkpoint.keys()}
-    return build_and_load(lambda: IPAdapter.for_unet(unet, image_embed_dim=proj[1], num_tokens=proj[0] // D), checkpoint, names,
-                          family=f"{FAMILY}, for this UNet", dtype=dtype, device=device, describe=describe_ip_adapter)
-
+    build = lambda: IPAdapter.for_unet(unet, image_embed_dim, num_tokens, resampler=resampler)  # noqa: E731
+    return build_and_load(build, checkpoint, names, family=f"{FAMILY}, for this UNet", dtype=dtype, device=device,
+                          describe=describe_ip_adapter)

@@ -79,11 +79,24 @@ class Pipeline:
 
     @torch.inference_mode()
     def encode_image(self, images) -> torch.Tensor:
-        """CLIP image embeddings of the image prompt(s): (n_images, E)."""
+        """The image prompt(s) as the adapter reads them: CLIP image embeddings (n_images, E), or, for
+        IP-Adapter Plus, the encoder's penultimate hidden states, every patch (n_images, L, E)."""
         if self.image_encoder is None:
             raise ValueError("an image prompt needs an image encoder; load_pipeline(image_encoder=…) or put one in the model folder")
-        pixels = preprocess_image(images).to(self.device, self.dtype)  # (n, 3, 224, 224)
-        return self.image_encoder(pixels).image_embeds
+        return self._image_features(preprocess_image(images).to(self.device, self.dtype))  # pixels: (n, 3, 224, 224)
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.image_encoder(pixels)
+        return out.hidden_states[-2] if self.ip_adapter is not None and self.ip_adapter.plus else out.image_embeds
+
+    def _uncond_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """"No image" for CFG's unconditional branch, as the official code and diffusers define it: a zero
+        embedding for the base adapter; for Plus, the features of an all-zero (normalised) image."""
+        if not (self.ip_adapter is not None and self.ip_adapter.plus):
+            return torch.zeros_like(features)
+        size = self.image_encoder.config.image_size
+        zero_image = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
+        return self._image_features(zero_image).expand_as(features)
 
     # ── generation ──────────────────────────────────────────────────────────────────────────────
 
@@ -161,13 +174,13 @@ class Pipeline:
         if self.ip_adapter is None:
             raise ValueError("ip_image was given but no IP-Adapter is loaded; load_pipeline(ip_adapter=PATH)")
         set_ip_scale(self.unet, ip_scale)
-        embeds = self.encode_image(ip_image if isinstance(ip_image, (list, tuple)) else [ip_image])  # (n, E)
-        embeds = embeds[None].expand(batch, -1, -1).to(self.dtype)  # (B, n, E): the same image prompt(s) for each prompt
+        embeds = self.encode_image(ip_image if isinstance(ip_image, (list, tuple)) else [ip_image])  # (n, E) or (n, L, E)
+        embeds = embeds[None].expand(batch, *embeds.shape).to(self.dtype)  # (B, n, …): the same image prompt(s) for each prompt
         tokens = self.ip_adapter.image_tokens(embeds)  # (B, n·N, D)
         if not use_cfg:
             return tokens
-        # the unconditional image tokens come from a zero embedding: image_proj(0) = LayerNorm(bias), not zeros
-        return torch.cat([self.ip_adapter.image_tokens(torch.zeros_like(embeds)), tokens])
+        # the unconditional image tokens are image_proj("no image"): LayerNorm(bias) for the base adapter, not zeros
+        return torch.cat([self.ip_adapter.image_tokens(self._uncond_image_features(embeds)), tokens])
 
     def _check_arguments(self, prompts, negatives, ip_image, height, width, latents, output):
         if len(negatives) != len(prompts):
@@ -280,11 +293,14 @@ def _first_existing(*paths: Path) -> Path | None:
 
 
 def _check_encoder_fits_adapter(pipe: Pipeline, encoder_path, adapter_path) -> None:
-    width = pipe.image_encoder.config.projection_dim
-    wanted = pipe.ip_adapter.image_proj.proj.in_features
+    if pipe.ip_adapter.plus:  # the Resampler reads hidden states: the encoder's hidden width
+        width, wanted, what = pipe.image_encoder.config.hidden_size, pipe.ip_adapter.image_proj.proj_in.in_features, "patch features"
+        known = " (ip-adapter-plus_sd15 uses the OpenCLIP ViT-H/14 encoder, hidden width 1280)" if wanted == 1280 else ""
+    else:
+        width, wanted, what = pipe.image_encoder.config.projection_dim, pipe.ip_adapter.image_proj.proj.in_features, "image embeddings"
+        known = " (ip-adapter_sd15 uses the OpenCLIP ViT-H/14 encoder, projection 1024)" if wanted == 1024 else ""
     if width != wanted:
         raise ValueError(
-            f"the image encoder at {encoder_path} gives {width}-wide image embeddings, but the IP-Adapter "
-            f"{adapter_path} expects {wanted}-wide ones"
-            + (" (ip-adapter_sd15 uses the OpenCLIP ViT-H/14 encoder, projection 1024)" if wanted == 1024 else "")
+            f"the image encoder at {encoder_path} gives {width}-wide {what}, but the IP-Adapter "
+            f"{adapter_path} expects {wanted}-wide ones" + known
         )

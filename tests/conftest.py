@@ -133,6 +133,35 @@ def random_ip_adapter_state(unet_config: dict, image_embed_dim: int, num_tokens:
     return state
 
 
+def random_ip_adapter_plus_state(unet_config: dict, hidden_size: int, width: int = 64, num_tokens: int = 16, seed: int = 0) -> dict:
+    """An IP-Adapter Plus state dict in the official flat naming (the Resampler of ip-adapter-plus_sd15:
+    4 blocks, heads 64 wide, feed-forward ×4), random weights; `width` is the Resampler's own width."""
+    g = torch.Generator().manual_seed(seed)
+    D = unet_config["cross_attention_dim"]
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    state = {"image_proj.latents": rand(1, num_tokens, width) * 5, "image_proj.proj_in.weight": rand(width, hidden_size),
+             "image_proj.proj_in.bias": rand(width), "image_proj.proj_out.weight": rand(D, width), "image_proj.proj_out.bias": rand(D),
+             "image_proj.norm_out.weight": 1 + rand(D), "image_proj.norm_out.bias": rand(D)}
+    for i in range(4):
+        block = f"image_proj.layers.{i}"
+        for norm in ("0.norm1", "0.norm2", "1.0"):
+            state.update({f"{block}.{norm}.weight": 1 + rand(width), f"{block}.{norm}.bias": rand(width)})
+        state.update({f"{block}.0.to_q.weight": rand(width, width), f"{block}.0.to_kv.weight": rand(2 * width, width),
+                      f"{block}.0.to_out.weight": rand(width, width), f"{block}.1.1.weight": rand(4 * width, width),
+                      f"{block}.1.3.weight": rand(width, 4 * width)})
+    base = random_ip_adapter_state(unet_config, 1, seed=seed)
+    return state | {k: v for k, v in base.items() if k.startswith("ip_adapter.")}
+
+
+def save_nested(state: dict, path: Path) -> None:
+    """The official `.bin` layout: {"image_proj": {…}, "ip_adapter": {…}} with the prefixes taken off."""
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in state.items():
+        group, _, rest = key.partition(".")
+        nested[group][rest] = tensor
+    torch.save(nested, path)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """Paths of a tiny SD model folder (diffusers layout), an image encoder and an IP-Adapter in both official formats."""
@@ -164,16 +193,14 @@ def tiny_world(tmp_path_factory):
     CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION)).save_pretrained(encoder)
     state = random_ip_adapter_state(TINY_UNET, TINY_VISION["projection_dim"])
     save_file(state, root / "ip" / "ip-adapter.safetensors")
-    nested = {"image_proj": {}, "ip_adapter": {}}
-    for key, tensor in state.items():
-        group, _, rest = key.partition(".")
-        nested[group][rest] = tensor
-    torch.save(nested, root / "ip" / "ip-adapter.bin")
+    save_nested(state, root / "ip" / "ip-adapter.bin")
+    save_file(random_ip_adapter_plus_state(TINY_UNET, TINY_VISION["hidden_size"]), root / "ip" / "ip-adapter-plus.safetensors")
     return {
         "model": model,
         "image_encoder": encoder,
         "ip_safetensors": root / "ip" / "ip-adapter.safetensors",
         "ip_bin": root / "ip" / "ip-adapter.bin",
+        "ip_plus": root / "ip" / "ip-adapter-plus.safetensors",
         "root": root,
     }
 

@@ -6,13 +6,17 @@ import torch
 from diffusers import UNet2DConditionModel as RefUNet
 from diffusers.models.attention_processor import Attention as RefAttention
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from safetensors.torch import save_file
+
+from conftest import TINY_UNET, random_ip_adapter_plus_state, save_nested
 
 from minipa.attention import Attention, attention_backend
 from minipa.ip_adapter import (
     DecoupledCrossAttention,
     ImageKeyValue,
     IPAdapter,
+    Resampler,
     attach_ip_adapter,
     cross_attention_layers,
     decoupled_attention,
@@ -65,6 +69,32 @@ def test_full_size_ip_adapter_sd15_keys_and_parameter_count():
     assert ours_shapes == expected
     assert len(ours_shapes) == 4 + 2 * 16
     assert sum(v.numel() for v in adapter.parameters()) == 22_319_616  # the paper's "22M"
+
+
+def test_full_size_ip_adapter_plus_sd15_matches_diffusers_resampler():
+    ours, ref = sd15_unets()
+    with torch.device("meta"):
+        adapter = IPAdapter.for_unet(ours, image_embed_dim=1280, num_tokens=16, resampler={})  # ViT-H/14 hidden width
+        theirs = IPAdapterPlusImageProjection(embed_dims=1280, output_dims=768, hidden_dims=768, heads=12, num_queries=16)
+    shapes = {k: tuple(v.shape) for k, v in adapter.image_proj.state_dict().items()}
+    assert shapes["latents"] == (1, 16, 768) and shapes["proj_in.weight"] == (768, 1280)
+    assert shapes["layers.3.0.to_kv.weight"] == (2 * 768, 768) and shapes["layers.3.1.3.weight"] == (768, 4 * 768)
+    assert sum(v.numel() for v in adapter.image_proj.parameters()) == sum(v.numel() for v in theirs.parameters())
+    assert len([k for k in adapter.state_dict() if k.startswith("ip_adapter.")]) == 2 * 16
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_resampler_equals_diffusers_plus_projection(backend):
+    state = random_ip_adapter_plus_state(TINY_UNET, hidden_size=32)  # official key names, written out in conftest
+    official = {k.removeprefix("image_proj."): v for k, v in state.items() if k.startswith("image_proj.")}
+    with torch.device("meta"):
+        ref_unet = RefUNet(**TINY_UNET)
+    theirs = ref_unet._convert_ip_adapter_image_proj_to_diffusers(official, low_cpu_mem_usage=False)
+    ours = Resampler(32, TINY_UNET["cross_attention_dim"], hidden_dim=64)
+    ours.load_state_dict(official)  # strict: the official names are ours
+    features = torch.randn(2, 17, 32)
+    with attention_backend(backend):
+        torch.testing.assert_close(ours(features), theirs(features), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])  # one test per attention path (the course grades them apart)
@@ -185,19 +215,15 @@ def test_set_scale_without_adapter_is_an_error(unet_and_adapter):
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-def test_official_formats_load_strictly(tmp_path, unet_and_adapter, fmt):
+@pytest.mark.parametrize("variant", ["base", "plus"])
+def test_official_formats_load_strictly(tmp_path, unet_and_adapter, fmt, variant):
     unet, _ = unet_and_adapter
-    state = {k: torch.randn(v.shape) for k, v in IPAdapter.for_unet(unet, 16).state_dict().items()}
+    options = dict(num_tokens=8, resampler={"hidden_dim": 64}) if variant == "plus" else {}
+    state = {k: torch.randn(v.shape) for k, v in IPAdapter.for_unet(unet, 16, **options).state_dict().items()}
     path = tmp_path / f"ip.{fmt}"
-    if fmt == "bin":
-        nested = {"image_proj": {}, "ip_adapter": {}}
-        for k, v in state.items():
-            group, _, rest = k.partition(".")
-            nested[group][rest] = v
-        torch.save(nested, path)
-    else:
-        save_file(state, path)
+    save_nested(state, path) if fmt == "bin" else save_file(state, path)
     adapter = load_ip_adapter(path, unet)
+    assert adapter.plus == (variant == "plus")
     loaded = adapter.state_dict()
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 

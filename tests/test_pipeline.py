@@ -96,6 +96,28 @@ def test_per_block_scale_equals_diffusers(ours, theirs, latents):
     assert_images_close(run_ours(ours, latents, ip_image=image, ip_scale=BLOCKS), run_theirs(theirs, latents, ip_adapter_image=image))
 
 
+@pytest.fixture(scope="module")
+def ours_plus(tiny_world):
+    return minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_plus"])
+
+
+@pytest.fixture(scope="module")
+def theirs_plus(tiny_world):
+    return diffusers_pipeline(tiny_world, adapter="ip_plus")
+
+
+def test_ip_adapter_plus_equals_diffusers(ours_plus, theirs_plus, latents):
+    image, _ = prompt_images()  # Resampler over the patch features; "no image" = the features of a zero image
+    theirs_plus.set_ip_adapter_scale(0.7)
+    assert_images_close(run_ours(ours_plus, latents, ip_image=image, ip_scale=0.7), run_theirs(theirs_plus, latents, ip_adapter_image=image))
+
+
+def test_ip_adapter_plus_with_two_image_prompts_equals_diffusers(ours_plus, theirs_plus, latents):
+    a, b = prompt_images()
+    theirs_plus.set_ip_adapter_scale(1.0)
+    assert_images_close(run_ours(ours_plus, latents, ip_image=[a, b], ip_scale=1.0), run_theirs(theirs_plus, latents, ip_adapter_image=[[a, b]]))
+
+
 def test_bin_and_safetensors_adapters_give_the_same_image(tiny_world, ours, latents):
     image, _ = prompt_images()
     from_bin = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_bin"])

@@ -63,7 +63,11 @@ class IPAdapterTraining(UNetTraining):
         # END ASSIGNMENT 10
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        embeds = self.data.image_embeds[b["index"]] * b["keep_image"][:, None]  # a dropped image is a zero embedding
+        embeds = self.data.image_embeds[b["index"]]  # (B, E) or (B, L, E)
+        uncond = self.data.uncond_image_embeds
+        keep = b["keep_image"].view(-1, *[1] * (embeds.ndim - 1))
+        # a dropped image is what inference uses for "no image": a zero embedding, or the features of a zero image (Plus)
+        embeds = embeds * keep if uncond is None else torch.where(keep > 0, embeds, uncond)
         tokens = self.adapter.image_tokens(embeds)  # (B, N, D)
         text = self.data.text[b["caption"]]  # (B, 77, D)
         if self.variant == "decoupled":

@@ -37,7 +37,8 @@ class DiffusionData:
     scaling_factor: float
     text: torch.Tensor  # (C + 1, 77, D): the text tokens of each distinct caption; the last row is ""
     caption_index: torch.Tensor  # (N,) row of `text` for each image
-    image_embeds: torch.Tensor | None = None  # (N, E): tiny-CLIP image embeddings, for IP-Adapter
+    image_embeds: torch.Tensor | None = None  # (N, E) tiny-CLIP image embeddings, or (N, L, E) patch features (Plus)
+    uncond_image_embeds: torch.Tensor | None = None  # (E,) or (L, E): what a dropped image becomes; None = zeros
     partial_index: torch.Tensor | None = None  # (N, P): rows of `text` with partial captions of each image
 
     @property
