@@ -281,9 +281,12 @@ def main(argv=None) -> dict:
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    return version(package)
+    try:
+        return version(package)
+    except PackageNotFoundError:  # e.g. minipa run from a checkout on PYTHONPATH, not pip-installed
+        return "not installed (source checkout)"
 
 
 def write_report(report: dict, folder: Path, name: str) -> None:

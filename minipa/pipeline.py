@@ -140,7 +140,7 @@ class Pipeline:
         # x_T ~ N(0, I), or the latents the caller gave (to compare runs or libraries)
         shape = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
         if latents is None:
-            latents = torch.randn(shape, generator=generator, dtype=self.dtype)
+            latents = torch.randn(shape, generator=generator)  # float32, then cast: one seed, one image, in every dtype
         x = latents.to(self.device, self.dtype)
 
         for i, t in enumerate(tqdm(sampler.timesteps, desc="minipa", disable=not progress)):
