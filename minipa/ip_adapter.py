@@ -9,6 +9,9 @@ Two small pieces are added to a frozen SD UNet:
        Z_new = Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′,   K′ = c_i·Wk′, V′ = c_i·Wv′
    where λ (`scale`) is 1 in the paper's training and chosen by the user at inference.
 
+IP-Adapter Plus swaps piece 1 for a `Resampler`: 16 learned queries attend to the encoder's
+penultimate hidden states (every patch), so the tokens can carry detail the global embedding drops.
+
 `IPAdapter` holds both, with the official file layout (`image_proj.*`, `ip_adapter.{1,3,…,31}.*`);
 `attach_ip_adapter` swaps each `attn2` of a UNet for a decoupled one that *shares* the original
 projections (nothing is copied), `detach_ip_adapter` puts plain attention back.

@@ -261,6 +261,12 @@ def test_image_encoder_of_the_wrong_width_is_named(tiny_world, tmp_path):
         minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_safetensors"], image_encoder=wrong)
     assert "gives 24-wide image embeddings" in str(err.value) and "expects 48-wide" in str(err.value)
 
+    wider = tmp_path / "wider_encoder"  # Plus reads hidden states: the hidden width must fit its proj_in
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY_VISION, "hidden_size": 48})).save_pretrained(wider)
+    with pytest.raises(ValueError) as err:
+        minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_plus"], image_encoder=wider)
+    assert "gives 48-wide patch features" in str(err.value) and "expects 32-wide" in str(err.value)
+
 
 def test_unreadable_image_prompt_is_a_clear_error(ours, tmp_path):
     from minipa.preprocess import ImageInputError
