@@ -60,7 +60,7 @@ def _add_train_and_eval(commands) -> None:
     )
     train.add_argument("--out", default="weights/tiny", help="where the trained model goes (default weights/tiny)")
     train.add_argument("--work", default="runs/tiny", help="checkpoints, losses and timings (default runs/tiny)")
-    train.add_argument("--stages", default="all", help="comma-separated subset of clip,clip_image,vae,vae_refine,unet,ip,classifier, or ablation (an extra; default: all but ablation)")
+    train.add_argument("--stages", default="all", help="comma-separated subset of clip,clip_image,vae,vae_refine,unet,ip,classifier, or the extras ablation, ip_plus (default: all but the extras)")
     train.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one bit for bit")
     train.add_argument("--preset", choices=("tiny", "smoke"), default="tiny", help="tiny: what ships; smoke: seconds, for tests")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -70,7 +70,7 @@ def _add_train_and_eval(commands) -> None:
                              description="Generate from held-out prompts and images and judge them with an independent "
                              "classifier and the tiny CLIP. Prints a Markdown table; --json writes every number.")
     ev.add_argument("--model", default=None, help="a tiny-world model folder (default weights/tiny)")
-    ev.add_argument("--work", default=None, help="a training work folder, for the concatenation ablation's weights")
+    ev.add_argument("--work", default=None, help="a training work folder, for the extra stages' weights (the concatenation ablation, IP-Adapter Plus)")
     ev.add_argument("-n", type=int, default=64, help="prompts/images per row (default 64)")
     ev.add_argument("--guidance", type=float, default=5.0, help="CFG scale w (default 5)")
     ev.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
@@ -94,15 +94,17 @@ def train(args) -> int:
 def evaluate(args) -> int:
     from minipa.eval import evaluate as run_eval, format_table, save_examples
     from minipa.pipeline import TINY_MODEL, load_pipeline
-    from minipa.train.world import EVAL_FILE, load_concat_projection
+    from minipa.train.world import EVAL_FILE, load_concat_projection, load_plus_adapter
 
     folder = Path(args.model) if args.model else TINY_MODEL
     adapter = folder / "ip-adapter.safetensors"
     pipe = load_pipeline(args.model, ip_adapter=adapter if args.model and adapter.is_file() else None)
     concat = load_concat_projection(args.work, pipe) if args.work else None
+    plus = load_plus_adapter(args.work, pipe) if args.work else None
     settings = {"n": args.n, "guidance": args.guidance, "steps": args.steps, "seed": args.seed}
     started = time.perf_counter()
-    rows = run_eval(pipe, folder / EVAL_FILE, n=args.n, guidance=args.guidance, steps=args.steps, seed=args.seed, concat_proj=concat)
+    rows = run_eval(pipe, folder / EVAL_FILE, n=args.n, guidance=args.guidance, steps=args.steps, seed=args.seed, concat_proj=concat,
+                    plus_adapter=plus)
     settings["seconds"] = round(time.perf_counter() - started, 1)
     print(format_table(rows, settings))
     if args.examples:

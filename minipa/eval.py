@@ -28,7 +28,8 @@ from minipa.data.shapes import (
 )
 from minipa.ddim import DDIMScheduler
 from minipa.guidance import cfg
-from minipa.ip_adapter import set_ip_scale
+from minipa.ip_adapter import IPAdapter, attach_ip_adapter, set_ip_scale
+from minipa.pipeline import image_features, uncond_image_features
 from minipa.train.trainer import TrainingModule
 
 HEADS = {"shape": len(SHAPES), "colour": len(COLOURS), "background": len(BACKGROUNDS), "size": len(SIZES),
@@ -139,18 +140,20 @@ class Judge:
 
 
 @torch.no_grad()
-def evaluate(pipe, eval_file, *, n: int = 64, guidance: float = 5.0, steps: int = 25, seed: int = 0, concat_proj=None) -> dict:
-    """The table: every row measured on n held-out prompts or images. Returns a JSON-able dict."""
+def evaluate(pipe, eval_file, *, n: int = 64, guidance: float = 5.0, steps: int = 25, seed: int = 0, concat_proj=None,
+             plus_adapter=None) -> dict:
+    """The table: every row measured on n held-out prompts or images. Returns a JSON-able dict.
+    `concat_proj` (the ablation's image_proj) and `plus_adapter` (an IP-Adapter Plus) add image-prompt rows."""
     judge = Judge(pipe, eval_file)
     adapter = pipe.ip_adapter
     empty = pipe.encode_prompt([""] * n)
     rows = {}
 
-    def image_prompt_row(split: str, project, concat=False, scale=1.0, texts=None) -> dict:
+    def image_prompt_row(split: str, project, concat=False, scale=1.0, texts=None, plus=False) -> dict:
         data = ShapesDataset(split, n, seed + 1)
         scenes, prompt_images = data.scenes(), data.images()
-        embeds = pipe.image_encoder(clip_pixels(prompt_images)).image_embeds
-        tokens, uncond_tokens = project(embeds), project(torch.zeros_like(embeds))
+        embeds = image_features(pipe.image_encoder, clip_pixels(prompt_images).to(pipe.dtype), plus)
+        tokens, uncond_tokens = project(embeds), project(uncond_image_features(pipe.image_encoder, embeds, plus))
         if not concat:
             set_ip_scale(pipe.unet, scale)
         context = empty if texts is None else pipe.encode_prompt(texts(scenes))
@@ -171,12 +174,18 @@ def evaluate(pipe, eval_file, *, n: int = 64, guidance: float = 5.0, steps: int 
     rows["_examples"] = {"text_to_image": images[:8]}
 
     if adapter is not None:
-        variants = {"ip_adapter": (adapter.image_tokens, False)}
+        variants = {"ip_adapter": (adapter, False)}
         if concat_proj is not None:
             variants["concat_ablation"] = (concat_proj, True)
+        if plus_adapter is not None:
+            variants["ip_adapter_plus"] = (plus_adapter, False)
         for name, (project, concat) in variants.items():
+            plus = isinstance(project, IPAdapter) and project.plus
+            if isinstance(project, IPAdapter):
+                attach_ip_adapter(pipe.unet, project)  # its own image branch (the UNet's weights stay shared)
+                project = project.image_tokens
             for split in ("test", "heldout"):
-                r = image_prompt_row(split, project, concat)
+                r = image_prompt_row(split, project, concat, plus=plus)
                 labels = scene_labels(r["scenes"])
                 match = judge.match(r["images"], labels)
                 clip_i = float((judge.image_embeds(r["images"]) * judge.image_embeds(r["prompt_images"])).sum(-1).mean())
@@ -185,6 +194,8 @@ def evaluate(pipe, eval_file, *, n: int = 64, guidance: float = 5.0, steps: int 
                 if name == "ip_adapter" and split == "test":
                     rows["_examples"]["image_only"] = r["images"][:8]
                     rows["_examples"]["image_prompts"] = r["prompt_images"][:8]
+
+        attach_ip_adapter(pipe.unet, adapter)  # the pipeline's own adapter again
 
         # text + image, λ = 0.5: shape and colour from the image, background from the text
         def other_background(scenes):  # the next background in palette order that is neither the image's nor its shape's colour

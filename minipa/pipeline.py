@@ -83,20 +83,12 @@ class Pipeline:
         IP-Adapter Plus, the encoder's penultimate hidden states, every patch (n_images, L, E)."""
         if self.image_encoder is None:
             raise ValueError("an image prompt needs an image encoder; load_pipeline(image_encoder=…) or put one in the model folder")
-        return self._image_features(preprocess_image(images).to(self.device, self.dtype))  # pixels: (n, 3, 224, 224)
+        pixels = preprocess_image(images).to(self.device, self.dtype)  # (n, 3, 224, 224)
+        return image_features(self.image_encoder, pixels, self._plus)
 
-    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.image_encoder(pixels)
-        return out.hidden_states[-2] if self.ip_adapter is not None and self.ip_adapter.plus else out.image_embeds
-
-    def _uncond_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        """"No image" for CFG's unconditional branch, as the official code and diffusers define it: a zero
-        embedding for the base adapter; for Plus, the features of an all-zero (normalised) image."""
-        if not (self.ip_adapter is not None and self.ip_adapter.plus):
-            return torch.zeros_like(features)
-        size = self.image_encoder.config.image_size
-        zero_image = torch.zeros(1, 3, size, size, device=self.device, dtype=self.dtype)
-        return self._image_features(zero_image).expand_as(features)
+    @property
+    def _plus(self) -> bool:
+        return self.ip_adapter is not None and self.ip_adapter.plus
 
     # ── generation ──────────────────────────────────────────────────────────────────────────────
 
@@ -180,7 +172,7 @@ class Pipeline:
         if not use_cfg:
             return tokens
         # the unconditional image tokens are image_proj("no image"): LayerNorm(bias) for the base adapter, not zeros
-        return torch.cat([self.ip_adapter.image_tokens(self._uncond_image_features(embeds)), tokens])
+        return torch.cat([self.ip_adapter.image_tokens(uncond_image_features(self.image_encoder, embeds, self._plus)), tokens])
 
     def _check_arguments(self, prompts, negatives, ip_image, height, width, latents, output):
         if len(negatives) != len(prompts):
@@ -196,6 +188,23 @@ class Pipeline:
             expected = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
             if tuple(latents.shape) != expected:
                 raise ValueError(f"latents: expected shape {expected} = (batch, channels, height/8, width/8), got {tuple(latents.shape)}")
+
+
+def image_features(image_encoder, pixels: torch.Tensor, plus: bool = False) -> torch.Tensor:
+    """What an IP-Adapter reads from CLIP-normalised pixels: the global image embeddings (n, E), or, for
+    IP-Adapter Plus, the encoder's penultimate hidden states, every patch (n, L, E)."""
+    out = image_encoder(pixels)
+    return out.hidden_states[-2] if plus else out.image_embeds
+
+
+def uncond_image_features(image_encoder, features: torch.Tensor, plus: bool = False) -> torch.Tensor:
+    """"No image" for CFG's unconditional branch, as the official code and diffusers define it: a zero
+    embedding for the base adapter; for Plus, the features of an all-zero (normalised) image."""
+    if not plus:
+        return torch.zeros_like(features)
+    size = image_encoder.config.image_size
+    zero_image = torch.zeros(1, 3, size, size, device=features.device, dtype=features.dtype)
+    return image_features(image_encoder, zero_image, plus=True).expand_as(features)
 
 
 # ── loading ─────────────────────────────────────────────────────────────────────────────────────

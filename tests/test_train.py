@@ -17,7 +17,7 @@ from minipa.ip_adapter import IPAdapter
 from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import CheckpointError, Schedule, fit, step_generator
 from minipa.train.unet import DiffusionData
-from minipa.train.world import STAGES, WorldConfig, train_world
+from minipa.train.world import EXTRA_STAGES, STAGES, WorldConfig, train_world
 from minipa.unet import UNet2DConditionModel
 from minipa.weights import WeightsError, verify_manifest
 
@@ -157,14 +157,14 @@ def test_unet_batches_mix_full_partial_and_empty_captions(smoke_world):
 def smoke_world(tmp_path_factory):
     """Every stage of the tiny world, at toy size, 3 steps each (the same code as the real run)."""
     root = tmp_path_factory.mktemp("world")
-    summary = train_world(WorldConfig.smoke(), root / "out", root / "work", stages=STAGES + ("ablation",), progress=False)
+    summary = train_world(WorldConfig.smoke(), root / "out", root / "work", stages=STAGES + EXTRA_STAGES, progress=False)
     return root, summary
 
 
 def test_the_whole_world_trains_and_exports_in_the_real_formats(smoke_world):
     root, summary = smoke_world
     out = root / "out"
-    assert set(summary["stages"]) == set(STAGES) | {"ablation"}
+    assert set(summary["stages"]) == set(STAGES) | {"ablation", "ip_plus"}
     assert all(r["steps"] == 3 for r in summary["stages"].values())
     for f in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
               "text_encoder/model.safetensors", "image_encoder/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
@@ -217,6 +217,26 @@ def test_exported_world_matches_diffusers_and_transformers(smoke_world):
         z = torch.randn(1, 4, 8, 8)
         assert (vae_ref.decode(z).sample - pipe.vae.decode(z)).abs().max() < 1e-4
         assert vae_ref.config.scaling_factor == pipe.vae.config.scaling_factor
+
+
+def test_extra_stages_load_and_evaluate(smoke_world):
+    """The ablation's image_proj and the IP-Adapter Plus experiment go through `minipa eval`'s loaders and rows."""
+    from minipa.eval import evaluate
+    from minipa.ip_adapter import cross_attention_layers
+    from minipa.pipeline import load_pipeline
+    from minipa.train.world import EVAL_FILE, load_concat_projection, load_plus_adapter
+
+    root = smoke_world[0]
+    pipe = load_pipeline(root / "out", ip_adapter=root / "out" / "ip-adapter.safetensors")
+    plus = load_plus_adapter(root / "work", pipe)
+    assert plus.plus and plus.image_proj.num_tokens == WorldConfig.smoke().ip_plus_tokens
+    rows = evaluate(pipe, root / "out" / EVAL_FILE, n=2, steps=1, concat_proj=load_concat_projection(root / "work", pipe),
+                    plus_adapter=plus)
+    for name in ("ip_adapter", "concat_ablation", "ip_adapter_plus"):
+        assert 0 <= rows[f"{name}_image_only_heldout"]["all"] <= 1
+    index, _, first = cross_attention_layers(pipe.unet)[0]
+    assert first.to_k_ip is pipe.ip_adapter.ip_adapter[str(index)].to_k_ip  # the pipeline's own adapter is back
+    assert load_plus_adapter(root / "nowhere", pipe) is None
 
 
 def test_train_refuses_to_overwrite_a_run_without_resume(smoke_world):

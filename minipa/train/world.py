@@ -26,6 +26,7 @@ from minipa.data.shapes import (
 )
 from minipa.ddpm import ScheduleConfig
 from minipa.ip_adapter import IPAdapter
+from minipa.pipeline import image_features, uncond_image_features
 from minipa.tokenizer import load_tokenizer
 from minipa.train import export
 from minipa.train.clip import CLIPTraining, retrieval_accuracy
@@ -38,7 +39,8 @@ from minipa.vae import VAEConfig, load_vae
 from minipa.weights import save_safetensors, sha256_of
 
 STAGES = ("clip", "clip_image", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
-EXTRA_STAGES = ("ablation",)  # experiments for the model card, run on request
+EXTRA_STAGES = ("ablation", "ip_plus")  # experiments for the model card, run on request
+PLUS_FILE = "ip-adapter-plus.safetensors"  # the ip_plus experiment's output, in --work (not shipped)
 EVAL_FILE = "eval.safetensors"  # CLIP's text projection and the evaluation classifier (not part of SD)
 
 
@@ -62,6 +64,7 @@ class WorldConfig:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
         attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16, sample_size=8))
     ip_tokens: int = 4
+    ip_plus_tokens: int = 16  # IP-Adapter Plus (the `ip_plus` experiment): the official 16 Resampler queries
     text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=500, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=2e-3, weight_decay=0.1))
@@ -299,12 +302,26 @@ class World:
             export.save_model_index(self.out)
         return self._finish("unet", result, {})
 
-    def _adapter_module(self, variant: str) -> IPAdapterTraining:
+    def patch_data(self) -> DiffusionData:
+        """`diffusion_data` with what IP-Adapter Plus reads in place of the global embeddings: the image
+        encoder's penultimate hidden states (every patch), and those of a zero image for a dropped one."""
+        encoder = load_image_encoder(self.out / "image_encoder", dtype=torch.float32)
+        images = self.train_set["images"]
+        features = self._split_rows(lambda lo, hi: image_embeddings(encoder, images[lo:hi], patches=True).flatten(1), len(images))
+        with torch.no_grad():
+            uncond = uncond_image_features(encoder, features[:1].reshape(1, -1, encoder.config.hidden_size), plus=True)[0]  # (L, E)
+        return dataclasses.replace(self.diffusion_data(), image_embeds=features.reshape(len(images), *uncond.shape),
+                                   uncond_image_embeds=uncond)
+
+    def _adapter_module(self, variant: str, plus: bool = False) -> IPAdapterTraining:
         cfg = self.config
         unet = load_unet(self.out / "unet", dtype=torch.float32)
-        data = self.diffusion_data()
+        data = self.patch_data() if plus else self.diffusion_data()
         torch.manual_seed(cfg.seed)
-        adapter = IPAdapter.for_unet(unet, image_embed_dim=data.image_embeds.shape[1], num_tokens=cfg.ip_tokens)
+        if plus:  # the Resampler's defaults: hidden width = D, 4 blocks, heads of 64
+            adapter = IPAdapter.for_unet(unet, data.image_embeds.shape[-1], cfg.ip_plus_tokens, resampler={})
+        else:
+            adapter = IPAdapter.for_unet(unet, image_embed_dim=data.image_embeds.shape[1], num_tokens=cfg.ip_tokens)
         adapter.init_from_text_attention(unet)  # Wk′ ← Wk, Wv′ ← Wv   (seed §3.2.2)
         return IPAdapterTraining(unet, adapter, data, text_drop=cfg.text_drop, variant=variant)
 
@@ -322,6 +339,14 @@ class World:
         if self.rank == 0:
             save_safetensors(module.adapter.image_proj, self.work / "ablation" / "concat_image_proj.safetensors")
         return self._finish("ablation", result, {"variant": "concat"})
+
+    def stage_ip_plus(self) -> dict:
+        """IP-Adapter Plus (a Resampler over patch features) with the IP-Adapter's recipe and budget."""
+        module = self._adapter_module("decoupled", plus=True)
+        result = self._fit("ip_plus", module, self.config.ip_schedule)
+        if self.rank == 0:
+            export.save_ip_adapter(module.adapter, self.work / "ip_plus" / PLUS_FILE)
+        return self._finish("ip_plus", result, {"text_drop": self.config.text_drop, "tokens": self.config.ip_plus_tokens})
 
     def stage_classifier(self) -> dict:
         from minipa.eval import ClassifierTraining, ShapeClassifier, classifier_accuracy
@@ -344,9 +369,11 @@ class World:
 
 
 @torch.no_grad()
-def image_embeddings(image_encoder: CLIPVisionModelWithProjection, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """(N, 64, 64, 3) uint8 → (N, E) global image embeddings (seed §3.2.1), unnormalised as IP-Adapter reads them."""
-    return torch.cat([image_encoder(clip_pixels(images[i : i + batch])).image_embeds for i in range(0, len(images), batch)])
+def image_embeddings(image_encoder: CLIPVisionModelWithProjection, images: torch.Tensor, batch: int = 256,
+                     patches: bool = False) -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 → (N, E) global image embeddings (seed §3.2.1), unnormalised as IP-Adapter reads
+    them; patches=True: (N, L, hidden) penultimate hidden states, as IP-Adapter Plus reads them."""
+    return torch.cat([image_features(image_encoder, clip_pixels(images[i : i + batch]), patches) for i in range(0, len(images), batch)])
 
 
 def _init_clip(module: CLIPTraining) -> None:
@@ -380,6 +407,14 @@ def train_world(config: WorldConfig, out, work, *, stages=STAGES, resume=False, 
         export.write_json(Path(work) / "summary.json", summary)
         return summary
     return {}
+
+
+def load_plus_adapter(work, pipe):
+    """The `ip_plus` experiment's adapter (from a work folder) for `pipe`'s UNet, or None if it has not run."""
+    from minipa.ip_adapter import load_ip_adapter
+
+    path = Path(work) / "ip_plus" / PLUS_FILE
+    return load_ip_adapter(path, pipe.unet, dtype=pipe.dtype, device=pipe.device) if path.is_file() else None
 
 
 def load_concat_projection(work, pipe):
