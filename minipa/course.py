@@ -130,6 +130,7 @@ ASSIGNMENTS = (
             "tests/test_clip.py::test_text_encoder_causal_mask_explicit_and_sdpa_agree",
             "tests/test_unet.py::test_explicit_attention_agrees_with_sdpa_in_the_whole_unet",
             "tests/test_vae.py::test_explicit_and_sdpa_attention_agree",
+            "tests/test_ip_adapter.py::test_resampler_equals_diffusers_plus_projection[explicit]",
         ),
         points=15, prerequisites=(), minutes=30,
     ),
@@ -223,6 +224,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "same_seed_same_image_and_outputs_agree", "bad_arguments_are_clear_errors[kwargs6-ip_scale must be a finite number >= 0]",
         "image_prompt_without_adapter_is_an_error", "cli_writes_png_and_sidecar",
         "single_file_checkpoint_gives_the_same_image_as_the_folder", "unreadable_image_prompt_is_a_clear_error",
+        "ip_adapter_plus_equals_diffusers", "ip_adapter_plus_with_two_image_prompts_equals_diffusers",
     )),
     *(f"tests/test_reliability.py::test_{name}" for name in (  # generation with odd inputs
         "bad_input", "image_prompt_without_adapter", "odd_images_work", "empty_and_very_long_prompts",
@@ -235,6 +237,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "the_whole_world_trains_and_exports_in_the_real_formats", "exported_world_loads_and_generates_through_load_pipeline",
         "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
         "manifest_mismatch_is_a_clear_error", "unet_batches_mix_full_partial_and_empty_captions",
+        "extra_stages_load_and_evaluate",
     )),
     "tests/test_benchmark.py",  # whole files: generation end to end
     "tests/test_tiny_model.py",
