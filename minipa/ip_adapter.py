@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from minipa.attention import Attention, attention
@@ -49,16 +48,17 @@ class ImageProjection(nn.Module):
         # END ASSIGNMENT 7
 
 
-class PerceiverAttention(nn.Module):
+class PerceiverAttention(Attention):
     """The Resampler's attention: learned queries (latents) read the image features and themselves.
 
     Keys and values come from [features; latents] (the latents see each other too); one `to_kv`
-    holds Wk and Wv stacked, as in the official files. No biases.
+    holds Wk and Wv stacked, as in the official files. No biases. Only `split_heads`/`merge_heads`
+    come from `Attention`; the projections are its own.
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int = 64):
-        super().__init__()
-        self.heads = heads
+        nn.Module.__init__(self)
+        self.heads, self.head_dim = heads, head_dim
         self.norm1 = nn.LayerNorm(dim)  # for the image features
         self.norm2 = nn.LayerNorm(dim)  # for the latents
         self.to_q = nn.Linear(dim, heads * head_dim, bias=False)
@@ -68,11 +68,10 @@ class PerceiverAttention(nn.Module):
     def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """features: (B, L, dim), latents: (B, Q, dim) → (B, Q, dim), the update to add to the latents."""
         features, latents = self.norm1(features), self.norm2(latents)
-        split = lambda t: rearrange(t, "b l (heads d) -> b heads l d", heads=self.heads)  # noqa: E731
-        q = split(self.to_q(latents))
+        q = self.split_heads(self.to_q(latents))
         k, v = self.to_kv(torch.cat([features, latents], dim=1)).chunk(2, dim=-1)  # (B, L + Q, inner) each
-        out = attention(q, split(k), split(v))  # (B, heads, Q, d)
-        return self.to_out(rearrange(out, "b heads q d -> b q (heads d)"))
+        out = attention(q, self.split_heads(k), self.split_heads(v))  # (B, heads, Q, d)
+        return self.to_out(self.merge_heads(out))
 
 
 class Resampler(nn.Module):
@@ -346,7 +345,7 @@ def describe_ip_adapter(shapes: Mapping[str, tuple]) -> str:
 def _resampler_options(shapes: Mapping[str, tuple], D: int) -> tuple[int, int, dict] | None:
     """(E, N, Resampler options) read from an IP-Adapter Plus file's shapes; None if they do not fit."""
     latents, proj_in, q, ff = (shapes.get(f"image_proj.{k}") for k in ("latents", "proj_in.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"))
-    if latents is None or proj_in is None or q is None or ff is None or len(latents) != 3 or shapes.get("image_proj.proj_out.weight", (None,))[0] != D:
+    if None in (latents, proj_in, q, ff) or len(latents) != 3 or shapes.get("image_proj.proj_out.weight", (None,))[0] != D:
         return None
     hidden = latents[2]
     depth = len({k.split(".")[2] for k in shapes if k.startswith("image_proj.layers.")})

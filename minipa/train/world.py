@@ -307,21 +307,20 @@ class World:
         encoder's penultimate hidden states (every patch), and those of a zero image for a dropped one."""
         encoder = load_image_encoder(self.out / "image_encoder", dtype=torch.float32)
         images = self.train_set["images"]
-        features = self._split_rows(lambda lo, hi: image_embeddings(encoder, images[lo:hi], patches=True).flatten(1), len(images))
+        flat = self._split_rows(lambda lo, hi: image_embeddings(encoder, images[lo:hi], patches=True).flatten(1), len(images))
+        features = flat.reshape(len(images), -1, encoder.config.hidden_size)  # (N, L, E)
         with torch.no_grad():
-            uncond = uncond_image_features(encoder, features[:1].reshape(1, -1, encoder.config.hidden_size), plus=True)[0]  # (L, E)
-        return dataclasses.replace(self.diffusion_data(), image_embeds=features.reshape(len(images), *uncond.shape),
-                                   uncond_image_embeds=uncond)
+            uncond = uncond_image_features(encoder, features[:1], plus=True)[0]  # (L, E)
+        return dataclasses.replace(self.diffusion_data(), image_embeds=features, uncond_image_embeds=uncond)
 
     def _adapter_module(self, variant: str, plus: bool = False) -> IPAdapterTraining:
         cfg = self.config
         unet = load_unet(self.out / "unet", dtype=torch.float32)
         data = self.patch_data() if plus else self.diffusion_data()
         torch.manual_seed(cfg.seed)
-        if plus:  # the Resampler's defaults: hidden width = D, 4 blocks, heads of 64
-            adapter = IPAdapter.for_unet(unet, data.image_embeds.shape[-1], cfg.ip_plus_tokens, resampler={})
-        else:
-            adapter = IPAdapter.for_unet(unet, image_embed_dim=data.image_embeds.shape[1], num_tokens=cfg.ip_tokens)
+        # Plus: the Resampler's defaults (hidden width = D, 4 blocks, heads of 64)
+        tokens, resampler = (cfg.ip_plus_tokens, {}) if plus else (cfg.ip_tokens, None)
+        adapter = IPAdapter.for_unet(unet, data.image_embeds.shape[-1], tokens, resampler=resampler)
         adapter.init_from_text_attention(unet)  # Wk′ ← Wk, Wv′ ← Wv   (seed §3.2.2)
         return IPAdapterTraining(unet, adapter, data, text_drop=cfg.text_drop, variant=variant)
 
