@@ -16,6 +16,7 @@ whose `forward(batch)` returns the loss, and whose `batch(generator, size)` draw
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -154,7 +155,7 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
 
     model = module
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
+        model = _data_parallel(module)
 
     def save(step: int):
         if rank == 0:
@@ -187,6 +188,15 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
     bar.close()
     load_trainable(module, ema)
     return {"losses": losses, "seconds": seconds, "ema": ema}
+
+
+def _data_parallel(module: nn.Module) -> nn.Module:
+    """DistributedDataParallel that does not re-send buffers before every step: ours are constants,
+    equal in every process. torch 2.13 renamed the switch (and warns on the old name)."""
+    ddp = nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp).parameters:
+        return ddp(module, forward_sync_buffers=False)
+    return ddp(module, broadcast_buffers=False)
 
 
 @torch.no_grad()

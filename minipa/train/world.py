@@ -29,7 +29,7 @@ from minipa.ip_adapter import IPAdapter
 from minipa.pipeline import image_features, uncond_image_features
 from minipa.tokenizer import load_tokenizer
 from minipa.train import export
-from minipa.train.clip import CLIPTraining, retrieval_accuracy
+from minipa.train.clip import CLIPTraining, resized, retrieval_accuracy
 from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import Schedule, distributed, fit
 from minipa.train.unet import DiffusionData, UNetTraining
@@ -55,7 +55,7 @@ class WorldConfig:
         vocab_size=len(tiny_tokenizer().vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=4, projection_dim=64))
     vision: CLIPVisionConfig = field(default_factory=lambda: CLIPVisionConfig(
-        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=28,
+        hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=224, patch_size=28,
         projection_dim=64))
     vae: VAEConfig = field(default_factory=lambda: VAEConfig(
         block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8, sample_size=64))
@@ -66,13 +66,13 @@ class WorldConfig:
     ip_tokens: int = 4
     ip_plus_tokens: int = 16  # IP-Adapter Plus (the `ip_plus` experiment): the official 16 Resampler queries
     text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
-    clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=500, batch_size=128, lr=2e-3, weight_decay=0.1))
-    clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=2e-3, weight_decay=0.1))
-    vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=16, lr=1e-3))
-    vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=16, lr=5e-4, warmup=20))
+    clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_size=128, lr=2e-3, weight_decay=0.1))
+    clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1))
+    vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
+    vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=5e-4, warmup=20))
     unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, ema=0.995))
-    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=1e-3, weight_decay=0.01))
-    classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=2e-3))
+    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=1e-3, weight_decay=0.01))
+    classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3))
 
     @classmethod
     def tiny(cls) -> "WorldConfig":
@@ -119,6 +119,13 @@ class World:
             self._train = {"images": dataset.images(), "scenes": scenes, "captions": captions, "caption_index": index}
         return self._train
 
+    @property
+    def resized_images(self) -> torch.Tensor:
+        """The training images resized for CLIP's image tower: once for both CLIP phases (1.5 GB; dropped after)."""
+        if "resized" not in self.train_set:
+            self.train_set["resized"] = resized(self.train_set["images"])
+        return self.train_set["resized"]
+
     def seeded(self, schedule: Schedule) -> Schedule:
         return dataclasses.replace(schedule, seed=self.config.seed * 100 + schedule.seed)
 
@@ -164,7 +171,7 @@ class World:
         tokenizer = tiny_tokenizer()
         torch.manual_seed(cfg.seed)
         module = CLIPTraining(CLIPTextModel(cfg.text), CLIPVisionModelWithProjection(cfg.vision), data["images"],
-                              tokenizer(data["captions"]), data["caption_index"])
+                              tokenizer(data["captions"]), data["caption_index"], pixels=self.resized_images)
         _init_clip(module)
         result = self._fit("clip", module, cfg.clip_schedule)
         metrics = self._clip_metrics(module, tokenizer)
@@ -184,13 +191,14 @@ class World:
         tokenizer = load_tokenizer(self.out / "tokenizer")
         module = CLIPTraining(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
                               load_image_encoder(self.out / "image_encoder", dtype=torch.float32), data["images"],
-                              tokenizer(data["captions"]), data["caption_index"])
+                              tokenizer(data["captions"]), data["caption_index"], pixels=self.resized_images)
         extra = load_file(str(self.work / "clip" / "projection.safetensors"))
         with torch.no_grad():
             module.text_projection.weight.copy_(extra["text_projection.weight"])
             module.logit_scale.copy_(extra["logit_scale"][0])
         module.contrast_with_every_caption()
         result = self._fit("clip_image", module, cfg.clip_image_schedule)
+        self.train_set.pop("resized")  # no later stage reads them
         metrics = self._clip_metrics(module, tokenizer)
         if self.rank == 0:
             export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
@@ -226,7 +234,9 @@ class World:
     def _export_vae(self, stage: str, model, result: dict) -> dict:
         cfg = self.config
         model.eval()
-        mean, std = encode_all(model, self.train_set["images"][:2048])
+        images = self.train_set["images"][:2048]
+        packed = self._split_rows(lambda lo, hi: torch.cat(encode_all(model, images[lo:hi]), dim=1).flatten(1), len(images))
+        mean, std = packed.chunk(2, dim=1)  # (N, 4·8·8) each
         z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(cfg.seed))
         scaling = round(1.0 / float(z.std()), 5)  # LDM's rule: unit-variance latents for the UNet
         model.config = dataclasses.replace(model.config, scaling_factor=scaling)
