@@ -9,6 +9,7 @@ Two small pieces are added to a frozen SD UNet:
        Z_new = Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′,   K′ = c_i·Wk′, V′ = c_i·Wv′
    where λ (`scale`) is 1 in the paper's training and chosen by the user at inference.
 
+`MLPProjection` puts a hidden layer into piece 1 (the layout of IP-Adapter FaceID's image_proj).
 IP-Adapter Plus swaps piece 1 for a `Resampler`: 16 learned queries attend to the encoder's
 penultimate hidden states (every patch), so the tokens can carry detail the global embedding drops.
 
@@ -46,6 +47,24 @@ class ImageProjection(nn.Module):
         tokens = tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)  # (B, N, D)
         return self.norm(tokens)
         # END ASSIGNMENT 7
+
+
+class MLPProjection(ImageProjection):
+    """image embedding (B, E) → N image tokens (B, N, D) through a two-layer MLP, then LayerNorm.
+
+    `ImageProjection` with a hidden layer: Linear(E, m·E) → GELU → Linear(m·E, N·D) → LayerNorm(D).
+    This is the image_proj layout of the official IP-Adapter FaceID (keys `proj.0`, `proj.2`, `norm`;
+    diffusers calls it `IPAdapterFaceIDImageProjection`), which reads a face-recognition embedding;
+    here it reads the same CLIP global embedding as the base adapter. A linear map can only read what
+    is linearly laid out in the embedding; the hidden layer lets the tokens depend on it non-linearly.
+    """
+
+    def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4, mult: int = 2):
+        nn.Module.__init__(self)  # `forward` is ImageProjection's (proj → N tokens → norm); only `proj` differs
+        self.num_tokens = num_tokens
+        hidden = mult * image_embed_dim
+        self.proj = nn.Sequential(nn.Linear(image_embed_dim, hidden), nn.GELU(), nn.Linear(hidden, num_tokens * cross_attention_dim))
+        self.norm = nn.LayerNorm(cross_attention_dim)
 
 
 class PerceiverAttention(Attention):
@@ -194,23 +213,30 @@ class IPAdapter(nn.Module):
     """image_proj + one `ImageKeyValue` per cross-attention layer; state_dict keys are the official ones.
 
     `resampler=None` is the base adapter (`ImageProjection` over the global embedding, E = its width);
+    `mlp=m` gives it an `MLPProjection` with a hidden layer m·E wide instead (FaceID's layout);
     a dict of `Resampler` options (may be empty) makes IP-Adapter Plus (E = the encoder's hidden width).
     """
 
     def __init__(self, image_embed_dim: int, cross_attention_dim: int, inner_dims: Mapping[int, int], num_tokens: int = 4,
-                 *, resampler: Mapping | None = None):
+                 *, resampler: Mapping | None = None, mlp: int | None = None):
         super().__init__()
-        if resampler is None:
-            self.image_proj = ImageProjection(image_embed_dim, cross_attention_dim, num_tokens)
-        else:
+        self.image_embed_dim = image_embed_dim  # E: what image_proj reads (embedding width, or hidden width for Plus)
+        if resampler is not None and mlp is not None:
+            raise ValueError("IPAdapter: pass resampler= (Plus) or mlp= (an MLP image projection), not both")
+        if resampler is not None:
             self.image_proj = Resampler(image_embed_dim, cross_attention_dim, num_tokens=num_tokens, **resampler)
+        elif mlp is not None:
+            self.image_proj = MLPProjection(image_embed_dim, cross_attention_dim, num_tokens, mult=mlp)
+        else:
+            self.image_proj = ImageProjection(image_embed_dim, cross_attention_dim, num_tokens)
         self.ip_adapter = nn.ModuleDict({str(i): ImageKeyValue(cross_attention_dim, dim) for i, dim in inner_dims.items()})
 
     @classmethod
-    def for_unet(cls, unet: nn.Module, image_embed_dim: int, num_tokens: int = 4, *, resampler: Mapping | None = None) -> "IPAdapter":
+    def for_unet(cls, unet: nn.Module, image_embed_dim: int, num_tokens: int = 4, *, resampler: Mapping | None = None,
+                 mlp: int | None = None) -> "IPAdapter":
         """An adapter shaped for `unet` (randomly initialised; see `init_from_text_attention`)."""
         dims = {i: attn.to_k.out_features for i, _, attn in cross_attention_layers(unet)}
-        return cls(image_embed_dim, unet.config.cross_attention_dim, dims, num_tokens, resampler=resampler)
+        return cls(image_embed_dim, unet.config.cross_attention_dim, dims, num_tokens, resampler=resampler, mlp=mlp)
 
     @torch.no_grad()
     def init_from_text_attention(self, unet: nn.Module) -> None:
@@ -325,20 +351,26 @@ def set_ip_scale(unet: nn.Module, scale: float | Mapping) -> None:
 
 # ─── Loading the official checkpoints ───────────────────────────────────────────────────────────
 
-FAMILY = "an IP-Adapter for SD 1.x (base: image_proj = Linear + LayerNorm; Plus: a Resampler; to_k_ip/to_v_ip per cross-attention layer)"
+FAMILY = ("an IP-Adapter for SD 1.x (base: image_proj = Linear + LayerNorm, or FaceID's MLP + LayerNorm; Plus: a Resampler; "
+          "to_k_ip/to_v_ip per cross-attention layer)")
 
 
 def describe_ip_adapter(shapes: Mapping[str, tuple]) -> str:
     """A guess at which IP-Adapter variant a file holds, from its key names and shapes."""
     keys = list(shapes)
-    if any(k.startswith("image_proj.proj.0") or "perceiver" in k for k in keys):
-        return "an IP-Adapter FaceID (an MLP image projection over face embeddings), which minipa does not support"
+    if any("perceiver" in k for k in keys):
+        return "an IP-Adapter FaceID Plus (an MLP and a Resampler over face embeddings), which minipa does not support"
+    if "image_proj.proj.3.weight" in shapes:
+        return "an IP-Adapter Full (an MLP over every patch feature), which minipa does not support"
+    if any("_lora." in k for k in keys):
+        return "an IP-Adapter FaceID with LoRA weights for the UNet's attention, which minipa does not support"
     widths = {shape[1] for k, shape in shapes.items() if k.endswith("to_k_ip.weight")}
     if widths == {2048}:
         return "an IP-Adapter for SDXL (2048-wide text tokens)"
     if not any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
         return "not an IP-Adapter (no image_proj./ip_adapter. keys)"
-    variant = "an IP-Adapter Plus (a Resampler in image_proj)" if "image_proj.latents" in shapes else "an IP-Adapter"
+    variant = ("an IP-Adapter Plus (a Resampler in image_proj)" if "image_proj.latents" in shapes else
+               "an IP-Adapter with an MLP image projection (FaceID's layout)" if "image_proj.proj.0.weight" in shapes else "an IP-Adapter")
     return f"{variant} whose image branch takes {sorted(widths)}-wide tokens"
 
 
@@ -357,23 +389,28 @@ def load_ip_adapter(path: str | Path, unet: nn.Module, *, dtype=None, device="cp
     """Load an official IP-Adapter for `unet`, `.bin` (nested) or `.safetensors` (flat); strict about every key.
 
     Base (`ip-adapter_sd15`): E and N are read from `image_proj.proj.weight` ((N·D, E)).
+    MLP image projection (FaceID's layout): E and m from `proj.0.weight` ((m·E, E)), N from `proj.2.weight` ((N·D, m·E)).
     Plus (`ip-adapter-plus_sd15`): the Resampler's sizes from its `latents` ((1, N, hidden)), `proj_in`
     ((hidden, E)) and layers. D must be the UNet's text-token width.
     """
     checkpoint = Checkpoint(path)
     shapes = checkpoint.shapes
     D = unet.config.cross_attention_dim
-    proj = shapes.get("image_proj.proj.weight")
+    proj, hidden, out = (shapes.get(f"image_proj.proj{k}.weight") for k in ("", ".0", ".2"))
+    mlp = None
     if "image_proj.latents" in shapes and (plus := _resampler_options(shapes, D)) is not None:
         image_embed_dim, num_tokens, resampler = plus
     elif proj is not None and len(proj) == 2 and proj[0] % D == 0:
         image_embed_dim, num_tokens, resampler = proj[1], proj[0] // D, None
+    elif (hidden is not None and out is not None and len(hidden) == len(out) == 2 and hidden[0] % hidden[1] == 0
+          and out[1] == hidden[0] and out[0] % D == 0):
+        image_embed_dim, num_tokens, resampler, mlp = hidden[1], out[0] // D, None, hidden[0] // hidden[1]
     else:
         raise WeightsError(
             f"{checkpoint.path}: does not match {FAMILY} with {D}-wide tokens.\n"
             f"This file looks like: {describe_ip_adapter(shapes)}."
         )
     names = {k: k for k in checkpoint.keys()}
-    build = lambda: IPAdapter.for_unet(unet, image_embed_dim, num_tokens, resampler=resampler)  # noqa: E731
+    build = lambda: IPAdapter.for_unet(unet, image_embed_dim, num_tokens, resampler=resampler, mlp=mlp)  # noqa: E731
     return build_and_load(build, checkpoint, names, family=f"{FAMILY}, for this UNet", dtype=dtype, device=device,
                           describe=describe_ip_adapter)

@@ -303,10 +303,10 @@ def _first_existing(*paths: Path) -> Path | None:
 
 def _check_encoder_fits_adapter(pipe: Pipeline, encoder_path, adapter_path) -> None:
     if pipe.ip_adapter.plus:  # the Resampler reads hidden states: the encoder's hidden width
-        width, wanted, what = pipe.image_encoder.config.hidden_size, pipe.ip_adapter.image_proj.proj_in.in_features, "patch features"
+        width, wanted, what = pipe.image_encoder.config.hidden_size, pipe.ip_adapter.image_embed_dim, "patch features"
         known = " (ip-adapter-plus_sd15 uses the OpenCLIP ViT-H/14 encoder, hidden width 1280)" if wanted == 1280 else ""
     else:
-        width, wanted, what = pipe.image_encoder.config.projection_dim, pipe.ip_adapter.image_proj.proj.in_features, "image embeddings"
+        width, wanted, what = pipe.image_encoder.config.projection_dim, pipe.ip_adapter.image_embed_dim, "image embeddings"
         known = " (ip-adapter_sd15 uses the OpenCLIP ViT-H/14 encoder, projection 1024)" if wanted == 1024 else ""
     if width != wanted:
         raise ValueError(

@@ -133,6 +133,19 @@ def random_ip_adapter_state(unet_config: dict, image_embed_dim: int, num_tokens:
     return state
 
 
+def random_ip_adapter_mlp_state(unet_config: dict, image_embed_dim: int, mult: int = 2, num_tokens: int = 4) -> dict:
+    """`random_ip_adapter_state` with IP-Adapter FaceID's image_proj layout: proj.0 (Linear) → GELU → proj.2 (Linear) → norm."""
+    state = random_ip_adapter_state(unet_config, image_embed_dim, num_tokens)
+    g = torch.Generator().manual_seed(2)
+    hidden, out = mult * image_embed_dim, num_tokens * unet_config["cross_attention_dim"]
+    del state["image_proj.proj.weight"], state["image_proj.proj.bias"]
+    state.update({"image_proj.proj.0.weight": torch.randn(hidden, image_embed_dim, generator=g) * 0.3,
+                  "image_proj.proj.0.bias": torch.randn(hidden, generator=g) * 0.3,
+                  "image_proj.proj.2.weight": torch.randn(out, hidden, generator=g) * 0.3,
+                  "image_proj.proj.2.bias": torch.randn(out, generator=g) * 0.3})
+    return state
+
+
 def random_ip_adapter_plus_state(unet_config: dict, hidden_size: int, width: int = 64, num_tokens: int = 16, seed: int = 0) -> dict:
     """An IP-Adapter Plus state dict in the official flat naming (the Resampler of ip-adapter-plus_sd15:
     4 blocks, heads 64 wide, feed-forward ×4), random weights; `width` is the Resampler's own width."""
@@ -195,12 +208,14 @@ def tiny_world(tmp_path_factory):
     save_file(state, root / "ip" / "ip-adapter.safetensors")
     save_nested(state, root / "ip" / "ip-adapter.bin")
     save_file(random_ip_adapter_plus_state(TINY_UNET, TINY_VISION["hidden_size"]), root / "ip" / "ip-adapter-plus.safetensors")
+    save_file(random_ip_adapter_mlp_state(TINY_UNET, TINY_VISION["projection_dim"]), root / "ip" / "ip-adapter-mlp.safetensors")
     return {
         "model": model,
         "image_encoder": encoder,
         "ip_safetensors": root / "ip" / "ip-adapter.safetensors",
         "ip_bin": root / "ip" / "ip-adapter.bin",
         "ip_plus": root / "ip" / "ip-adapter-plus.safetensors",
+        "ip_mlp": root / "ip" / "ip-adapter-mlp.safetensors",
         "root": root,
     }
 

@@ -6,16 +6,17 @@ import torch
 from diffusers import UNet2DConditionModel as RefUNet
 from diffusers.models.attention_processor import Attention as RefAttention
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, IPAdapterPlusImageProjection
 from safetensors.torch import save_file
 
-from conftest import TINY_UNET, random_ip_adapter_plus_state, save_nested
+from conftest import TINY_UNET, random_ip_adapter_mlp_state, random_ip_adapter_plus_state, save_nested
 
 from minipa.attention import Attention, attention_backend
 from minipa.ip_adapter import (
     DecoupledCrossAttention,
     ImageKeyValue,
     IPAdapter,
+    MLPProjection,
     Resampler,
     attach_ip_adapter,
     cross_attention_layers,
@@ -95,6 +96,30 @@ def test_resampler_equals_diffusers_plus_projection(backend):
     features = torch.randn(2, 17, 32)
     with attention_backend(backend):
         torch.testing.assert_close(ours(features), theirs(features), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+def test_mlp_projection_equals_diffusers_faceid_projection(mult):
+    state = random_ip_adapter_mlp_state(TINY_UNET, 16, mult=mult)  # official FaceID image_proj names, written out in conftest
+    official = {k.removeprefix("image_proj."): v for k, v in state.items() if k.startswith("image_proj.")}
+    with torch.device("meta"):
+        ref_unet = RefUNet(**TINY_UNET)
+    theirs = ref_unet._convert_ip_adapter_image_proj_to_diffusers(official, low_cpu_mem_usage=False)
+    assert isinstance(theirs, IPAdapterFaceIDImageProjection)
+    ours = MLPProjection(16, TINY_UNET["cross_attention_dim"], num_tokens=4, mult=mult)
+    ours.load_state_dict(official)
+    embeds = torch.randn(3, 16)
+    torch.testing.assert_close(ours(embeds), theirs(embeds), atol=1e-5, rtol=1e-5)
+
+
+def test_full_size_faceid_image_proj_matches_diffusers():
+    with torch.device("meta"):  # ip-adapter-faceid_sd15: a 512-wide face embedding, hidden 1024, 4 tokens of 768
+        ours = MLPProjection(512, 768, num_tokens=4, mult=2)
+        theirs = IPAdapterFaceIDImageProjection(image_embed_dim=512, cross_attention_dim=768, mult=2, num_tokens=4)
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        "proj.0.weight": (1024, 512), "proj.0.bias": (1024,), "proj.2.weight": (4 * 768, 1024), "proj.2.bias": (4 * 768,),
+        "norm.weight": (768,), "norm.bias": (768,)}
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])  # one test per attention path (the course grades them apart)
@@ -215,15 +240,15 @@ def test_set_scale_without_adapter_is_an_error(unet_and_adapter):
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-@pytest.mark.parametrize("variant", ["base", "plus"])
+@pytest.mark.parametrize("variant", ["base", "plus", "mlp"])
 def test_official_formats_load_strictly(tmp_path, unet_and_adapter, fmt, variant):
     unet, _ = unet_and_adapter
-    options = dict(num_tokens=8, resampler={"hidden_dim": 64}) if variant == "plus" else {}
+    options = {"base": {}, "plus": dict(num_tokens=8, resampler={"hidden_dim": 64}), "mlp": dict(num_tokens=3, mlp=2)}[variant]
     state = {k: torch.randn(v.shape) for k, v in IPAdapter.for_unet(unet, 16, **options).state_dict().items()}
     path = tmp_path / f"ip.{fmt}"
     save_nested(state, path) if fmt == "bin" else save_file(state, path)
     adapter = load_ip_adapter(path, unet)
-    assert adapter.plus == (variant == "plus")
+    assert adapter.plus == (variant == "plus") and isinstance(adapter.image_proj, MLPProjection) == (variant == "mlp")
     loaded = adapter.state_dict()
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
@@ -255,7 +280,18 @@ def test_wrong_adapters_are_named(tmp_path, unet_and_adapter):
     def missing_layer(state):
         del state["ip_adapter.31.to_k_ip.weight"]
 
-    for edit, words in ((sdxl, "SDXL"), (plus, "IP-Adapter Plus"), (missing_layer, "ip_adapter.31.to_k_ip.weight")):
+    def faceid_with_lora(state):  # ip-adapter-faceid_sd15: an MLP image_proj (supported) + LoRA in the attention (not)
+        proj = state.pop("image_proj.proj.weight")
+        state.update({"image_proj.proj.0.weight": torch.zeros(32, 16), "image_proj.proj.0.bias": torch.zeros(32),
+                      "image_proj.proj.2.weight": torch.zeros(len(proj), 32), "image_proj.proj.2.bias": state.pop("image_proj.proj.bias")})
+        state["ip_adapter.1.to_q_lora.down.weight"] = torch.zeros(4, D)
+
+    def full(state):  # ip-adapter-full-face: a token-wise MLP with its LayerNorm inside `proj`
+        state.update({"image_proj.proj.0.weight": torch.zeros(16, 16), "image_proj.proj.3.weight": torch.zeros(D)})
+
+    cases = ((sdxl, "SDXL"), (plus, "IP-Adapter Plus"), (missing_layer, "ip_adapter.31.to_k_ip.weight"),
+             (faceid_with_lora, "FaceID with LoRA"), (full, "IP-Adapter Full"))
+    for edit, words in cases:
         with pytest.raises(WeightsError) as err:
             load_ip_adapter(_bad_adapter(tmp_path, unet, edit), unet)
         assert words in str(err.value) and "bad.safetensors" in str(err.value)

@@ -118,6 +118,23 @@ def test_ip_adapter_plus_with_two_image_prompts_equals_diffusers(ours_plus, thei
     assert_images_close(run_ours(ours_plus, latents, ip_image=[a, b], ip_scale=1.0), run_theirs(theirs_plus, latents, ip_adapter_image=[[a, b]]))
 
 
+def test_mlp_image_projection_equals_diffusers_faceid_layout(tiny_world, latents):
+    """FaceID's image_proj (an MLP) over the CLIP global embedding. diffusers loads the layout but does not
+    compute that embedding for it (FaceID reads face embeddings), so it gets transformers' CLIP embedding."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    image, _ = prompt_images()
+    ours = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_mlp"])
+    theirs = diffusers_pipeline(tiny_world, adapter="ip_mlp")
+    assert type(theirs.unet.encoder_hid_proj.image_projection_layers[0]).__name__ == "IPAdapterFaceIDImageProjection"
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tiny_world["image_encoder"])
+    with torch.no_grad():
+        embeds = encoder(**CLIPImageProcessor()(image, return_tensors="pt")).image_embeds[:, None]  # (1, 1, E)
+    theirs.set_ip_adapter_scale(0.7)
+    expected = run_theirs(theirs, latents, ip_adapter_image_embeds=[torch.cat([torch.zeros_like(embeds), embeds])])
+    assert_images_close(run_ours(ours, latents, ip_image=image, ip_scale=0.7), expected)
+
+
 def test_bin_and_safetensors_adapters_give_the_same_image(tiny_world, ours, latents):
     image, _ = prompt_images()
     from_bin = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_bin"])

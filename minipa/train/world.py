@@ -64,6 +64,7 @@ class WorldConfig:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
         attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16, sample_size=8))
     ip_tokens: int = 4
+    ip_mlp: int | None = None  # None: the paper's Linear image_proj; m: an MLP with a hidden layer m·E wide (FaceID's layout)
     ip_plus_tokens: int = 16  # IP-Adapter Plus (the `ip_plus` experiment): the official 16 Resampler queries
     text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_size=128, lr=2e-3, weight_decay=0.1))
@@ -330,7 +331,7 @@ class World:
         torch.manual_seed(cfg.seed)
         # Plus: the Resampler's defaults (hidden width = D, 4 blocks, heads of 64)
         tokens, resampler = (cfg.ip_plus_tokens, {}) if plus else (cfg.ip_tokens, None)
-        adapter = IPAdapter.for_unet(unet, data.image_embeds.shape[-1], tokens, resampler=resampler)
+        adapter = IPAdapter.for_unet(unet, data.image_embeds.shape[-1], tokens, resampler=resampler, mlp=None if plus else cfg.ip_mlp)
         adapter.init_from_text_attention(unet)  # Wk′ ← Wk, Wv′ ← Wv   (seed §3.2.2)
         return IPAdapterTraining(unet, adapter, data, text_drop=cfg.text_drop, variant=variant)
 
@@ -428,15 +429,18 @@ def load_plus_adapter(work, pipe):
 
 def load_concat_projection(work, pipe):
     """The ablation's trained image_proj (from a work folder), or None if that stage has not run."""
-    from minipa.ip_adapter import ImageProjection
+    from minipa.ip_adapter import ImageProjection, MLPProjection
     from minipa.weights import Checkpoint, load_weights
 
     path = Path(work) / "ablation" / "concat_image_proj.safetensors"
     if not path.is_file():
         return None
-    ckpt = Checkpoint(path)
-    tokens = ckpt.shape("proj.weight")[0] // pipe.unet.config.cross_attention_dim
+    ckpt, D = Checkpoint(path), pipe.unet.config.cross_attention_dim
     with torch.device("meta"):
-        proj = ImageProjection(ckpt.shape("proj.weight")[1], pipe.unet.config.cross_attention_dim, tokens)
+        if "proj.0.weight" in ckpt.shapes:  # the recipe's image_proj is an MLP (WorldConfig.ip_mlp)
+            hidden, E = ckpt.shape("proj.0.weight")
+            proj = MLPProjection(E, D, ckpt.shape("proj.2.weight")[0] // D, mult=hidden // E)
+        else:
+            proj = ImageProjection(ckpt.shape("proj.weight")[1], D, ckpt.shape("proj.weight")[0] // D)
     load_weights(proj, ckpt, {k: k for k in ckpt.keys()}, family="the concatenation ablation's image_proj")
     return proj.eval()
