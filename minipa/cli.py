@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0); the same seed gives the same image")
     gen.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: the model's)")
-    gen.add_argument("--scheduler", choices=("ddim", "ddpm"), default="ddim", help="sampler (default ddim)")
+    gen.add_argument("--scheduler", choices=("ddim", "ddpm", "dpm++"), default="ddim",
+                     help="sampler (default ddim; dpm++ = DPM-Solver++(2M))")
     gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype (default float32)")
     gen.add_argument("--out", default="out/minipa.png", help="where to write the PNG (default out/minipa.png)")

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from minipa.ddim import DDIMScheduler
 from minipa.ddpm import DDPMScheduler, NoiseSchedule, ScheduleConfig
+from minipa.dpm_solver import DPMSolverMultistepScheduler
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
 
 def make_scheduler(name: str = "ddim", config: ScheduleConfig | str | Path | None = None) -> NoiseSchedule:
-    """A fresh sampler `name` ("ddim" or "ddpm") over `config` (a ScheduleConfig, a JSON path, or SD 1.5's)."""
+    """A fresh sampler `name` ("ddim", "ddpm" or "dpm++", i.e. DPM-Solver++(2M)) over `config` (a ScheduleConfig, a JSON path, or SD 1.5's)."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(map(repr, SCHEDULERS))}")
     if isinstance(config, (str, Path)):

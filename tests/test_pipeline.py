@@ -135,6 +135,17 @@ def test_mlp_image_projection_equals_diffusers_faceid_layout(tiny_world, latents
     assert_images_close(run_ours(ours, latents, ip_image=image, ip_scale=0.7), expected)
 
 
+def test_dpm_solver_with_an_image_prompt_equals_diffusers(tiny_world, ours, latents):
+    from diffusers import DPMSolverMultistepScheduler
+
+    theirs = diffusers_pipeline(tiny_world, adapter="ip_safetensors")
+    theirs.scheduler = DPMSolverMultistepScheduler.from_config(theirs.scheduler.config)  # diffusers' way to switch samplers
+    image, _ = prompt_images()
+    theirs.set_ip_adapter_scale(0.6)
+    expected = run_theirs(theirs, latents, ip_adapter_image=image)
+    assert_images_close(run_ours(ours, latents, ip_image=image, ip_scale=0.6, scheduler="dpm++"), expected)
+
+
 def test_bin_and_safetensors_adapters_give_the_same_image(tiny_world, ours, latents):
     image, _ = prompt_images()
     from_bin = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_bin"])

@@ -1,0 +1,58 @@
+"""DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler (its defaults: dpmsolver++, order 2,
+midpoint, final sigma 0): timesteps, σ, and every step of whole sampling loops."""
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler as Reference
+
+from minipa.ddpm import ScheduleConfig
+from minipa.dpm_solver import DPMSolverMultistepScheduler
+from minipa.schedulers import make_scheduler
+
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+def pair(**settings):
+    config = ScheduleConfig(**{**ScheduleConfig.sd15().to_dict(), **settings})
+    return DPMSolverMultistepScheduler(config), Reference.from_config(config.to_dict())
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("n", [1, 2, 10, 14, 15, 25, 50, 500, 1000])
+def test_timesteps_and_sigmas_equal_diffusers(spacing, n):
+    ours, ref = pair(timestep_spacing=spacing)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+    assert torch.equal(ours.sigmas, ref.sigmas)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("n", [10, 25])  # below 15 steps diffusers switches on its lower-order final steps
+def test_every_step_of_a_loop_equals_diffusers(prediction_type, spacing, n):
+    ours, ref = pair(timestep_spacing=spacing, prediction_type=prediction_type)
+    ours.set_timesteps(n)
+    ref.set_timesteps(n)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    x_ref = x.clone()
+    for t in ours.timesteps:
+        model_output = torch.randn(2, 4, 8, 8, generator=g)  # stands in for the UNet: the same for both
+        out, expected = ours.step(model_output, t, x), ref.step(model_output, t, x_ref)
+        torch.testing.assert_close(out.prev_sample, expected.prev_sample, atol=1e-6, rtol=1e-5)
+        x, x_ref = out.prev_sample, expected.prev_sample
+    assert x.abs().max() > 0
+
+
+def test_out_of_order_steps_are_a_clear_error():
+    sampler = make_scheduler("dpm++")
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sampler.step(torch.zeros(1, 4, 8, 8), 981, torch.zeros(1, 4, 8, 8))
+    sampler.set_timesteps(10)
+    with pytest.raises(ValueError, match="not one of this schedule's timesteps"):
+        sampler.step(torch.zeros(1, 4, 8, 8), 500, torch.zeros(1, 4, 8, 8))
+    first, second = sampler.timesteps[:2]
+    sampler.step(torch.zeros(1, 4, 8, 8), first, torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=f"in order; got t={int(first)}, expected {int(second)}"):
+        sampler.step(torch.zeros(1, 4, 8, 8), first, torch.zeros(1, 4, 8, 8))
