@@ -160,7 +160,8 @@ ASSIGNMENTS = (
         teaches="how one global CLIP image embedding becomes a few tokens the UNet's cross-attention can read",
         hints=("Keep any leading axes: `tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)`.",
                "LayerNorm normalises each token's D features, so a zero embedding gives LayerNorm(bias), not zeros."),
-        tests=("tests/test_ip_adapter.py::test_image_projection_gives_n_tokens_and_concatenates_several_images",),
+        tests=("tests/test_ip_adapter.py::test_image_projection_gives_n_tokens_and_concatenates_several_images",
+               "tests/test_ip_adapter.py::test_mlp_projection_equals_diffusers_faceid_projection"),  # MLPProjection reuses forward
         points=5, prerequisites=(), minutes=20,
     ),
     Assignment(
@@ -225,6 +226,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "image_prompt_without_adapter_is_an_error", "cli_writes_png_and_sidecar",
         "single_file_checkpoint_gives_the_same_image_as_the_folder", "unreadable_image_prompt_is_a_clear_error",
         "ip_adapter_plus_equals_diffusers", "ip_adapter_plus_with_two_image_prompts_equals_diffusers",
+        "mlp_image_projection_equals_diffusers_faceid_layout", "dpm_solver_with_an_image_prompt_equals_diffusers",
     )),
     *(f"tests/test_reliability.py::test_{name}" for name in (  # generation with odd inputs
         "bad_input", "image_prompt_without_adapter", "odd_images_work", "empty_and_very_long_prompts",

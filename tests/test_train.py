@@ -286,14 +286,14 @@ def test_clip_phase_two_contrasts_each_image_with_every_caption():
     """Phase 2's loss: CE of each image against all C captions, both towers training; encoding the
     captions only up to the longest <|endoftext|> gives the same features as the full 77 tokens."""
     from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
-    from minipa.data.shapes import caption_table, tiny_tokenizer
+    from minipa.data.shapes import caption_table, clip_resize, tiny_tokenizer
     from minipa.train.clip import CLIPTraining
 
     config = WorldConfig.smoke()
     data = ShapesDataset("train", 16)
     captions, index = caption_table(data.scenes())
     torch.manual_seed(0)
-    module = CLIPTraining(CLIPTextModel(config.text), CLIPVisionModelWithProjection(config.vision), data.images(),
+    module = CLIPTraining(CLIPTextModel(config.text), CLIPVisionModelWithProjection(config.vision), clip_resize(data.images()),
                           tiny_tokenizer()(captions), index)
     module.contrast_with_every_caption()
     assert module.caption_ids.shape[1] < 77

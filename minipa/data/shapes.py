@@ -211,6 +211,8 @@ def clip_resize(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     images = torch.as_tensor(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"clip_resize/clip_pixels expect square uint8 images (B, h, h, 3), got {tuple(images.shape)}")
+    if len(images) > 512:  # a whole training set: in slices, so the float copies stay small
+        return torch.cat([clip_resize(images[i : i + 512], size) for i in range(0, len(images), 512)])
     R = _bicubic_matrix(images.shape[1], size)  # (size, h)
     x = images.float().movedim(-1, 1)  # (B, 3, h, w)
     x = torch.matmul(x, R.T).round().clamp(0, 255)  # width pass: (B, 3, h, size)

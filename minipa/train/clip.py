@@ -40,17 +40,16 @@ from minipa.train.trainer import TrainingModule
 
 class CLIPTraining(TrainingModule):
     def __init__(self, text_encoder: CLIPTextModel, image_encoder: CLIPVisionModelWithProjection,
-                 images: torch.Tensor, caption_ids: torch.Tensor, caption_index: torch.Tensor, pixels: torch.Tensor | None = None):
-        """images: (N, 64, 64, 3) uint8; caption_ids: (C, 77) token ids of the distinct captions;
-        caption_index: (N,) which caption each image has; pixels: the images already through `resized`,
-        if the caller has them (the two phases share them)."""
+                 pixels: torch.Tensor, caption_ids: torch.Tensor, caption_index: torch.Tensor):
+        """pixels: (N, 3, 224, 224) uint8, the training images through `clip_resize` (resized once, 150 kB
+        an image: the bicubic resize to 224 was a third of every step); caption_ids: (C, 77) token ids of
+        the distinct captions; caption_index: (N,) which caption each image has."""
         super().__init__()
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         width, dim = text_encoder.config.hidden_size, image_encoder.config.projection_dim
         self.text_projection = nn.Linear(width, dim, bias=False)  # CLIPModel's; SD does not ship it
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # τ, learned, as in CLIP
-        # resized once (uint8, 150 kB an image): the bicubic resize to 224 was a third of every step
-        self.pixels = resized(images) if pixels is None else pixels
+        self.pixels = pixels
         longest = int(text_encoder.end_positions(caption_ids).max()) + 1
         self.caption_ids = caption_ids[:, :longest]  # (C, L): the tower is causal, so the padding changes nothing
         self.caption_index = caption_index
@@ -88,11 +87,6 @@ class CLIPTraining(TrainingModule):
         same = (batch["captions"][:, None] == batch["captions"][None, :]).float()  # (B, B)
         target = same / same.sum(dim=1, keepdim=True)  # symmetric pattern: rows and columns alike
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-def resized(images: torch.Tensor) -> torch.Tensor:
-    """(N, 64, 64, 3) uint8 → (N, 3, 224, 224) uint8, what CLIPTraining samples batches from."""
-    return torch.cat([clip_resize(images[i : i + 512]) for i in range(0, len(images), 512)])
 
 
 @torch.no_grad()

@@ -22,14 +22,14 @@ import torch.distributed as dist
 
 from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, load_image_encoder, load_text_encoder
 from minipa.data.shapes import (
-    ShapesDataset, caption_table, clip_pixels, describe_domain, partial_captions, scene_labels, tiny_tokenizer,
+    ShapesDataset, caption_table, clip_pixels, clip_resize, describe_domain, partial_captions, scene_labels, tiny_tokenizer,
 )
 from minipa.ddpm import ScheduleConfig
 from minipa.ip_adapter import IPAdapter
 from minipa.pipeline import image_features, uncond_image_features
 from minipa.tokenizer import load_tokenizer
 from minipa.train import export
-from minipa.train.clip import CLIPTraining, resized, retrieval_accuracy
+from minipa.train.clip import CLIPTraining, retrieval_accuracy
 from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import Schedule, distributed, fit
 from minipa.train.unet import DiffusionData, UNetTraining
@@ -124,7 +124,7 @@ class World:
     def resized_images(self) -> torch.Tensor:
         """The training images resized for CLIP's image tower: once for both CLIP phases (1.5 GB; dropped after)."""
         if "resized" not in self.train_set:
-            self.train_set["resized"] = resized(self.train_set["images"])
+            self.train_set["resized"] = clip_resize(self.train_set["images"])
         return self.train_set["resized"]
 
     def seeded(self, schedule: Schedule) -> Schedule:
@@ -171,8 +171,8 @@ class World:
         data, cfg = self.train_set, self.config
         tokenizer = tiny_tokenizer()
         torch.manual_seed(cfg.seed)
-        module = CLIPTraining(CLIPTextModel(cfg.text), CLIPVisionModelWithProjection(cfg.vision), data["images"],
-                              tokenizer(data["captions"]), data["caption_index"], pixels=self.resized_images)
+        module = CLIPTraining(CLIPTextModel(cfg.text), CLIPVisionModelWithProjection(cfg.vision), self.resized_images,
+                              tokenizer(data["captions"]), data["caption_index"])
         _init_clip(module)
         result = self._fit("clip", module, cfg.clip_schedule)
         metrics = self._clip_metrics(module, tokenizer)
@@ -191,8 +191,8 @@ class World:
         data, cfg = self.train_set, self.config
         tokenizer = load_tokenizer(self.out / "tokenizer")
         module = CLIPTraining(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
-                              load_image_encoder(self.out / "image_encoder", dtype=torch.float32), data["images"],
-                              tokenizer(data["captions"]), data["caption_index"], pixels=self.resized_images)
+                              load_image_encoder(self.out / "image_encoder", dtype=torch.float32), self.resized_images,
+                              tokenizer(data["captions"]), data["caption_index"])
         extra = load_file(str(self.work / "clip" / "projection.safetensors"))
         with torch.no_grad():
             module.text_projection.weight.copy_(extra["text_projection.weight"])
