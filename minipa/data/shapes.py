@@ -211,13 +211,13 @@ def clip_resize(images: torch.Tensor, size: int = CLIP_SIZE) -> torch.Tensor:
     images = torch.as_tensor(images)
     if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"clip_resize/clip_pixels expect square uint8 images (B, h, h, 3), got {tuple(images.shape)}")
-    if len(images) > 512:  # a whole training set: in slices, so the float copies stay small
-        return torch.cat([clip_resize(images[i : i + 512], size) for i in range(0, len(images), 512)])
     R = _bicubic_matrix(images.shape[1], size)  # (size, h)
-    x = images.float().movedim(-1, 1)  # (B, 3, h, w)
-    x = torch.matmul(x, R.T).round().clamp(0, 255)  # width pass: (B, 3, h, size)
-    x = torch.matmul(R, x).round().clamp(0, 255)  # height pass: (B, 3, size, size)
-    return x.to(torch.uint8)
+    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8)
+    for i in range(0, len(images), 256):  # in slices, so the float copies stay small (a training set has 10,000)
+        x = images[i : i + 256].float().movedim(-1, 1)  # (b, 3, h, w)
+        x = torch.matmul(x, R.T).round_().clamp_(0, 255)  # width pass: (b, 3, h, size)
+        out[i : i + 256] = torch.matmul(R, x).round_().clamp_(0, 255)  # height pass: (b, 3, size, size), stored as uint8
+    return out
 
 
 def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
