@@ -141,9 +141,8 @@ class NoiseSchedule:
 
     def set_timesteps(self, num_steps: int, device: str | torch.device | None = None) -> torch.Tensor:
         """Pick `num_steps` of the T training timesteps, from noisiest to cleanest."""
+        self._check_num_steps(num_steps)
         T = self.config.num_train_timesteps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
-            raise ValueError(f"num_steps must be an integer from 1 to num_train_timesteps={T}, got {num_steps!r}")
         spacing = self.config.timestep_spacing
         if spacing == "leading":
             # every (T // n)-th step counted from 0, then shifted: SD 1.5 with n=50 gives 981, 961, …, 21, 1
@@ -158,6 +157,11 @@ class NoiseSchedule:
         self.timesteps = timesteps.flip(0).to(device)
         self.num_inference_steps = num_steps
         return self.timesteps
+
+    def _check_num_steps(self, num_steps) -> None:
+        T = self.config.num_train_timesteps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be an integer from 1 to num_train_timesteps={T}, got {num_steps!r}")
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return add_noise(x0, noise, t, self.alphas_cumprod)

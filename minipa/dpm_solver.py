@@ -29,7 +29,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
     """`set_timesteps(n)`, then `step(model_output, t, x_t)` for each t in `timesteps`, in order (it is multistep)."""
 
     def set_timesteps(self, num_steps: int, device: str | torch.device | None = None) -> torch.Tensor:
-        super().set_timesteps(num_steps)  # checks num_steps
+        self._check_num_steps(num_steps)
         T, n = self.config.num_train_timesteps, num_steps
         spacing = self.config.timestep_spacing
         if spacing == "linspace":  # n + 1 points over [0, T − 1], the last (t = 0) dropped
@@ -42,6 +42,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # σ_t/α_t at every training step
         sigmas = np.interp(timesteps, np.arange(T), sigmas)  # at the timesteps (a t past T − 1 reads T − 1's, as diffusers)
         self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # … down to 0: the clean image
+        self.num_inference_steps = num_steps
         self._index = None  # which step comes next
         self._previous = None  # (x0, λ) of the step before
         return self.timesteps

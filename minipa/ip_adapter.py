@@ -225,10 +225,8 @@ class IPAdapter(nn.Module):
             raise ValueError("IPAdapter: pass resampler= (Plus) or mlp= (an MLP image projection), not both")
         if resampler is not None:
             self.image_proj = Resampler(image_embed_dim, cross_attention_dim, num_tokens=num_tokens, **resampler)
-        elif mlp is not None:
-            self.image_proj = MLPProjection(image_embed_dim, cross_attention_dim, num_tokens, mult=mlp)
         else:
-            self.image_proj = ImageProjection(image_embed_dim, cross_attention_dim, num_tokens)
+            self.image_proj = image_projection(image_embed_dim, cross_attention_dim, num_tokens, mlp)
         self.ip_adapter = nn.ModuleDict({str(i): ImageKeyValue(cross_attention_dim, dim) for i, dim in inner_dims.items()})
 
     @classmethod
@@ -385,6 +383,26 @@ def _resampler_options(shapes: Mapping[str, tuple], D: int) -> tuple[int, int, d
     return proj_in[1], latents[1], dict(hidden_dim=hidden, depth=depth, heads=heads, head_dim=head_dim, ff_mult=ff[0] // hidden)
 
 
+def image_projection(image_embed_dim: int, cross_attention_dim: int, num_tokens: int, mlp: int | None = None) -> nn.Module:
+    """The base adapter's image_proj: `ImageProjection`, or with `mlp=m` an `MLPProjection` (hidden layer m·E)."""
+    if mlp is None:
+        return ImageProjection(image_embed_dim, cross_attention_dim, num_tokens)
+    return MLPProjection(image_embed_dim, cross_attention_dim, num_tokens, mult=mlp)
+
+
+def projection_sizes(shapes: Mapping[str, tuple], D: int, prefix: str = "image_proj.") -> tuple[int, int, int | None] | None:
+    """(E, N, m) of an `image_projection` read from its weights' shapes (m None for the Linear one), or None
+    if the shapes under `prefix` are neither layout with D-wide tokens.
+    Linear: `proj.weight` is (N·D, E). MLP: `proj.0.weight` is (m·E, E), `proj.2.weight` (N·D, m·E)."""
+    proj, hidden, out = (shapes.get(f"{prefix}proj{k}.weight") for k in ("", ".0", ".2"))
+    if proj is not None and len(proj) == 2 and proj[0] % D == 0:
+        return proj[1], proj[0] // D, None
+    if (hidden is not None and out is not None and len(hidden) == len(out) == 2 and hidden[0] % hidden[1] == 0
+            and out[1] == hidden[0] and out[0] % D == 0):
+        return hidden[1], out[0] // D, hidden[0] // hidden[1]
+    return None
+
+
 def load_ip_adapter(path: str | Path, unet: nn.Module, *, dtype=None, device="cpu") -> IPAdapter:
     """Load an official IP-Adapter for `unet`, `.bin` (nested) or `.safetensors` (flat); strict about every key.
 
@@ -396,15 +414,11 @@ def load_ip_adapter(path: str | Path, unet: nn.Module, *, dtype=None, device="cp
     checkpoint = Checkpoint(path)
     shapes = checkpoint.shapes
     D = unet.config.cross_attention_dim
-    proj, hidden, out = (shapes.get(f"image_proj.proj{k}.weight") for k in ("", ".0", ".2"))
     mlp = None
     if "image_proj.latents" in shapes and (plus := _resampler_options(shapes, D)) is not None:
         image_embed_dim, num_tokens, resampler = plus
-    elif proj is not None and len(proj) == 2 and proj[0] % D == 0:
-        image_embed_dim, num_tokens, resampler = proj[1], proj[0] // D, None
-    elif (hidden is not None and out is not None and len(hidden) == len(out) == 2 and hidden[0] % hidden[1] == 0
-          and out[1] == hidden[0] and out[0] % D == 0):
-        image_embed_dim, num_tokens, resampler, mlp = hidden[1], out[0] // D, None, hidden[0] // hidden[1]
+    elif (sizes := projection_sizes(shapes, D)) is not None:
+        (image_embed_dim, num_tokens, mlp), resampler = sizes, None
     else:
         raise WeightsError(
             f"{checkpoint.path}: does not match {FAMILY} with {D}-wide tokens.\n"

@@ -429,18 +429,18 @@ def load_plus_adapter(work, pipe):
 
 def load_concat_projection(work, pipe):
     """The ablation's trained image_proj (from a work folder), or None if that stage has not run."""
-    from minipa.ip_adapter import ImageProjection, MLPProjection
-    from minipa.weights import Checkpoint, load_weights
+    from minipa.ip_adapter import image_projection, projection_sizes
+    from minipa.weights import Checkpoint, WeightsError, load_weights
 
     path = Path(work) / "ablation" / "concat_image_proj.safetensors"
     if not path.is_file():
         return None
     ckpt, D = Checkpoint(path), pipe.unet.config.cross_attention_dim
+    if (sizes := projection_sizes(ckpt.shapes, D, prefix="")) is None:
+        raise WeightsError(f"{path}: expected the ablation's image_proj (proj.weight, or proj.0/proj.2 of an MLP) for "
+                           f"{D}-wide tokens, found {dict(ckpt.shapes)}; run the `ablation` stage again")
+    E, N, mlp = sizes
     with torch.device("meta"):
-        if "proj.0.weight" in ckpt.shapes:  # the recipe's image_proj is an MLP (WorldConfig.ip_mlp)
-            hidden, E = ckpt.shape("proj.0.weight")
-            proj = MLPProjection(E, D, ckpt.shape("proj.2.weight")[0] // D, mult=hidden // E)
-        else:
-            proj = ImageProjection(ckpt.shape("proj.weight")[1], D, ckpt.shape("proj.weight")[0] // D)
+        proj = image_projection(E, D, N, mlp)
     load_weights(proj, ckpt, {k: k for k in ckpt.keys()}, family="the concatenation ablation's image_proj")
     return proj.eval()
