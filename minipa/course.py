@@ -239,7 +239,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "the_whole_world_trains_and_exports_in_the_real_formats", "exported_world_loads_and_generates_through_load_pipeline",
         "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
         "manifest_mismatch_is_a_clear_error", "unet_batches_mix_full_partial_and_empty_captions",
-        "extra_stages_load_and_evaluate",
+        "extra_stages_load_and_evaluate", "a_mis_shaped_ablation_file_is_named",
     )),
     "tests/test_benchmark.py",  # whole files: generation end to end
     "tests/test_tiny_model.py",

@@ -239,6 +239,20 @@ def test_extra_stages_load_and_evaluate(smoke_world):
     assert load_plus_adapter(root / "nowhere", pipe) is None
 
 
+def test_a_mis_shaped_ablation_file_is_named(smoke_world, tmp_path):
+    from safetensors.torch import save_file
+
+    from minipa.pipeline import load_pipeline
+    from minipa.train.world import load_concat_projection
+    from minipa.weights import WeightsError
+
+    pipe = load_pipeline(smoke_world[0] / "out")
+    (tmp_path / "ablation").mkdir()
+    save_file({"proj.weight": torch.zeros(7, 5)}, tmp_path / "ablation" / "concat_image_proj.safetensors")  # 7 is no multiple of D
+    with pytest.raises(WeightsError, match=r"concat_image_proj\.safetensors.*run the `ablation` stage again"):
+        load_concat_projection(tmp_path, pipe)
+
+
 def test_train_refuses_to_overwrite_a_run_without_resume(smoke_world):
     root, _ = smoke_world
     with pytest.raises(FileExistsError, match="--resume"):
