@@ -124,6 +124,12 @@ class StepOutput(NamedTuple):
     pred_original_sample: torch.Tensor  # the model's current estimate of x0
 
 
+def trailing_timesteps(T: int, n: int) -> np.ndarray:
+    """n timesteps counted back from T, noisiest first: n=50 gives 999, 979, …, 19 (always includes the last
+    training step). Computed with numpy's float arange, whose rounding at exact halves we must reproduce."""
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+
+
 class NoiseSchedule:
     """What every sampler of this family shares: β, ᾱ, the inference timesteps, and x0/ε from the model."""
 
@@ -148,10 +154,7 @@ class NoiseSchedule:
             # every (T // n)-th step counted from 0, then shifted: SD 1.5 with n=50 gives 981, 961, …, 21, 1
             timesteps = torch.arange(num_steps, dtype=torch.int64) * (T // num_steps) + self.config.steps_offset
         elif spacing == "trailing":
-            # counted back from T: n=50 gives 999, 979, …, 19 (always includes the last training step).
-            # Computed with numpy's float arange, whose rounding at exact halves we must reproduce.
-            counted_back = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
-            timesteps = torch.from_numpy(counted_back[::-1].copy())
+            timesteps = torch.from_numpy(trailing_timesteps(T, num_steps)[::-1].copy())
         else:  # "linspace": evenly spread over [0, T−1], rounded half to even (numpy, as above)
             timesteps = torch.from_numpy(np.linspace(0, T - 1, num_steps).round().astype(np.int64))
         self.timesteps = timesteps.flip(0).to(device)

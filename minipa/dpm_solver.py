@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minipa.ddpm import NoiseSchedule, StepOutput
+from minipa.ddpm import NoiseSchedule, StepOutput, trailing_timesteps
 
 
 class DPMSolverMultistepScheduler(NoiseSchedule):
@@ -37,7 +37,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         elif spacing == "leading":
             timesteps = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + self.config.steps_offset
         else:  # "trailing": as DDIM's
-            timesteps = np.arange(T, 0, -T / n).round() - 1
+            timesteps = trailing_timesteps(T, n)
         self.timesteps = torch.from_numpy(timesteps.astype(np.int64)).to(device)
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()  # σ_t/α_t at every training step
         sigmas = np.interp(timesteps, np.arange(T), sigmas)  # at the timesteps (a t past T − 1 reads T − 1's, as diffusers)

@@ -414,11 +414,11 @@ def load_ip_adapter(path: str | Path, unet: nn.Module, *, dtype=None, device="cp
     checkpoint = Checkpoint(path)
     shapes = checkpoint.shapes
     D = unet.config.cross_attention_dim
-    mlp = None
+    resampler = mlp = None
     if "image_proj.latents" in shapes and (plus := _resampler_options(shapes, D)) is not None:
         image_embed_dim, num_tokens, resampler = plus
     elif (sizes := projection_sizes(shapes, D)) is not None:
-        (image_embed_dim, num_tokens, mlp), resampler = sizes, None
+        image_embed_dim, num_tokens, mlp = sizes
     else:
         raise WeightsError(
             f"{checkpoint.path}: does not match {FAMILY} with {D}-wide tokens.\n"
