@@ -31,6 +31,15 @@ def test_held_out_combinations_never_appear_in_training():
     assert {(s.shape, s.colour, s.background) for s in ShapesDataset("heldout", 200).scenes()} == held_out
 
 
+@pytest.mark.parametrize("seed", [1, 2, 9])
+def test_the_splits_do_not_move_with_the_seed(seed):
+    """Evaluations draw new images with other seeds: their "heldout" must still be what training never saw."""
+    held_out = set(held_out_combos())
+    assert {(s.shape, s.colour, s.background) for s in ShapesDataset("heldout", 200, seed=seed).scenes()} == held_out
+    assert not {(s.shape, s.colour, s.background) for s in ShapesDataset("test", 500, seed=seed).scenes()} & held_out
+    assert not {(s.shape, s.colour, s.background) for s in ShapesDataset("train", 500, seed=seed).scenes()} & held_out
+
+
 def test_captions_name_shape_colours_and_size_but_never_pattern_or_position():
     scene = sample_scene(0, "train", 5)
     assert scene.caption == f"a {scene.size} {scene.colour} {scene.shape} on a {scene.background} background"

@@ -15,6 +15,8 @@ machine and in every run, so the data never has to be stored. Splits:
 - "train": scenes whose (shape, colour, background) combination is one of the training combinations;
 - "test": new scenes (other random draws) of the training combinations — images never seen in training;
 - "heldout": scenes of the `held_out_combos()` combinations, which training never shows at all.
+The seed chooses the draws, never the splits: the held-out combinations are the domain's, the same for
+every seed, so `ShapesDataset("heldout", n, seed=s)` is held out from a world trained with any seed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ STRIPE_PERIOD = 16  # pixels at 64×64; the dark half of each period is the colo
 STRIPE_SHADE = 0.45
 SPLITS = ("train", "test", "heldout")
 NUM_HELD_OUT = 8  # of the 4 × 5 × 4 = 80 (shape, colour, background) combinations
+HELD_OUT_DRAW = 0  # which 8: a constant of the domain, not a seed
 
 
 @dataclass(frozen=True)
@@ -70,10 +73,11 @@ def all_combos() -> list[tuple[str, str, str]]:
 
 
 @lru_cache(maxsize=None)
-def held_out_combos(seed: int = 0) -> tuple[tuple[str, str, str], ...]:
-    """The (shape, colour, background) combinations that training never sees: a fixed draw of 8 of the 80."""
+def held_out_combos() -> tuple[tuple[str, str, str], ...]:
+    """The (shape, colour, background) combinations that training never sees: a fixed draw of 8 of the 80,
+    the same whatever the seed of a dataset or a world (an evaluation's "held out" must be held out)."""
     combos = all_combos()
-    order = np.random.default_rng([seed, 11]).permutation(len(combos))
+    order = np.random.default_rng([HELD_OUT_DRAW, 11]).permutation(len(combos))
     return tuple(combos[i] for i in sorted(order[:NUM_HELD_OUT]))
 
 
@@ -86,7 +90,7 @@ def sample_scene(seed: int, split: str, index: int) -> Scene:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = _rng(seed, split, index)
-    held_out = held_out_combos(seed)
+    held_out = held_out_combos()
     combos = list(held_out) if split == "heldout" else [c for c in all_combos() if c not in held_out]
     shape, colour, background = combos[rng.integers(len(combos))]
     size = list(SIZES)[rng.integers(len(SIZES))]
