@@ -34,7 +34,10 @@ from minipa.train.trainer import TrainingModule
 
 HEADS = {"shape": len(SHAPES), "colour": len(COLOURS), "background": len(BACKGROUNDS), "size": len(SIZES),
          "pattern": len(PATTERNS)}
+COLOUR_HEADS = ("colour", "background")
 NOISE_STD = 0.05  # training augmentation: generated images are never pixel-perfect
+RECOLOUR = 0.5  # training augmentation: the share of images shown with their RGB channels shuffled (below)
+CHANNEL_ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
 
 
 class ShapeClassifier(nn.Module):
@@ -57,17 +60,29 @@ class ShapeClassifier(nn.Module):
 
 
 class ClassifierTraining(TrainingModule):
+    """Cross-entropy on every head. Half the images have their RGB channels shuffled, and there only the
+    colour-blind heads (shape, size, pattern) learn: without it the judge learned shapes *with* their
+    colours, and read the large green circles on purple of a held-out combination as squares 21% of the time."""
+
     def __init__(self, classifier: ShapeClassifier, images: torch.Tensor, labels: dict[str, torch.Tensor]):
         super().__init__()
         self.classifier, self.images, self.labels = classifier, images, labels
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         index = torch.randint(len(self.images), (size,), generator=generator)
-        return {"index": index, "noise": NOISE_STD * torch.randn((size, 3, *self.images.shape[1:3]), generator=generator)}
+        return {"index": index, "noise": NOISE_STD * torch.randn((size, 3, *self.images.shape[1:3]), generator=generator),
+                "recolour": torch.rand(size, generator=generator) < RECOLOUR,
+                "order": torch.randint(len(CHANNEL_ORDERS), (size,), generator=generator)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = self.classifier(to_model_pixels(self.images[batch["index"]]) + batch["noise"])
-        return sum(F.cross_entropy(logits[k], self.labels[k][batch["index"]]) for k in HEADS)
+        pixels = to_model_pixels(self.images[batch["index"]])  # (B, 3, H, W)
+        shuffled = pixels.gather(1, CHANNEL_ORDERS[batch["order"]][:, :, None, None].expand_as(pixels))
+        recolour = batch["recolour"]
+        logits = self.classifier(torch.where(recolour[:, None, None, None], shuffled, pixels) + batch["noise"])
+        coloured = (~recolour).float()  # colour and background are only learned from images in their true colours
+        weights = {k: coloured / coloured.sum().clamp(min=1) if k in COLOUR_HEADS else torch.full_like(coloured, 1 / len(coloured))
+                   for k in HEADS}
+        return sum((F.cross_entropy(logits[k], self.labels[k][batch["index"]], reduction="none") * weights[k]).sum() for k in HEADS)
 
 
 @torch.no_grad()

@@ -98,6 +98,25 @@ def _adapter_setup(**rates):
     return unet, adapter, IPAdapterTraining(unet, adapter, data, **rates)
 
 
+def test_the_judge_learns_colours_only_from_images_in_their_true_colours():
+    module = _classifier_module()
+    batch = module.batch(step_generator(0, 0), 8)
+    batch["order"] = torch.full((8,), 5)  # RGB → BGR
+    batch["noise"].zero_()
+    seen = []
+    module.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    for recolour in (True, False):
+        batch["recolour"] = torch.full((8,), recolour)
+        module.classifier.zero_grad()
+        module(batch).backward()
+        grads = {k: module.classifier.heads[k].weight.grad.abs().sum().item() for k in ("shape", "colour", "background")}
+        assert grads["shape"] > 0
+        assert (grads["colour"] == 0 and grads["background"] == 0) == recolour
+    pixels = module.images[batch["index"]].float() / 127.5 - 1  # (B, H, W, 3)
+    assert torch.allclose(seen[0], pixels.flip(-1).permute(0, 3, 1, 2))  # shuffled: the channels reversed
+    assert torch.allclose(seen[1], pixels.permute(0, 3, 1, 2))
+
+
 def test_ip_adapter_recipe_trains_only_the_adapter_from_text_weights():
     unet, adapter, module = _adapter_setup()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
