@@ -79,10 +79,14 @@ class ClassifierTraining(TrainingModule):
         shuffled = pixels.gather(1, CHANNEL_ORDERS[batch["order"]][:, :, None, None].expand_as(pixels))
         recolour = batch["recolour"]
         logits = self.classifier(torch.where(recolour[:, None, None, None], shuffled, pixels) + batch["noise"])
-        coloured = (~recolour).float()  # colour and background are only learned from images in their true colours
-        weights = {k: coloured / coloured.sum().clamp(min=1) if k in COLOUR_HEADS else torch.full_like(coloured, 1 / len(coloured))
-                   for k in HEADS}
-        return sum((F.cross_entropy(logits[k], self.labels[k][batch["index"]], reduction="none") * weights[k]).sum() for k in HEADS)
+        coloured = (~recolour).float()
+        colour_weight = coloured / coloured.sum().clamp(min=1)  # colour, background: images in their true colours only
+        every_weight = torch.full_like(coloured, 1 / len(coloured))  # shape, size, pattern: every image
+        loss = 0
+        for k in HEADS:
+            per_image = F.cross_entropy(logits[k], self.labels[k][batch["index"]], reduction="none")
+            loss = loss + (per_image * (colour_weight if k in COLOUR_HEADS else every_weight)).sum()
+        return loss
 
 
 @torch.no_grad()
