@@ -183,7 +183,7 @@ def smoke_world(tmp_path_factory):
 def test_the_whole_world_trains_and_exports_in_the_real_formats(smoke_world):
     root, summary = smoke_world
     out = root / "out"
-    assert set(summary["stages"]) == set(STAGES) | {"ablation", "ip_plus"}
+    assert set(summary["stages"]) == set(STAGES) | {"clip_shapes", "ablation", "ip_plus"}
     assert all(r["steps"] == 3 for r in summary["stages"].values())
     for f in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
               "text_encoder/model.safetensors", "image_encoder/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
@@ -340,3 +340,45 @@ def test_clip_phase_two_contrasts_each_image_with_every_caption():
     loss.backward()
     assert module.text_encoder.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0  # the text tower trains too
     assert all(p.grad is not None for p in module.image_encoder.parameters() if p.requires_grad)
+
+
+def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
+    """The `clip_shapes` stage: the text side frozen, every 2nd row adds a channel-shuffled image against
+    its (shape, size) prototype, and a batch split over processes uses the same rows as the whole."""
+    from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
+    from minipa.data.shapes import caption_table, clip_resize, scene_labels, tiny_tokenizer
+    from minipa.eval import CHANNEL_ORDERS
+    from minipa.train.clip import ShapeTraining
+    from minipa.train.trainer import local_slice
+
+    config = WorldConfig.smoke()
+    data = ShapesDataset("train", 16)
+    captions, index = caption_table(data.scenes())
+    labels = scene_labels(data.scenes())
+    torch.manual_seed(0)
+    module = ShapeTraining(CLIPTextModel(config.text), CLIPVisionModelWithProjection(config.vision), clip_resize(data.images()),
+                           tiny_tokenizer()(captions), index, shape_size=2 * labels["shape"] + labels["size"])
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"prototypes"} | {f"image_encoder.{n}" for n, _ in module.image_encoder.named_parameters()}
+    batch = module.batch(step_generator(0, 0), 8)
+    seen = []
+    module.image_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    loss = module(batch)
+    loss.backward()
+    pixels = seen[0]  # (8 + 4, 3, 224, 224), CLIP-normalised
+    other, order = batch["other"][::2], CHANNEL_ORDERS[batch["order"][::2]]
+    expected = clip_resize(data.images()[other])
+    expected = torch.stack([e[o] for e, o in zip(expected, order)])
+    from minipa.data.shapes import clip_normalise
+
+    torch.testing.assert_close(pixels[8:], clip_normalise(expected))
+    u = torch.nn.functional.normalize(module.image_encoder(pixels).image_embeds, dim=-1)
+    scale = module.logit_scale.exp()
+    v = module.embed_text(module.caption_ids)
+    shape_loss = torch.nn.functional.cross_entropy(scale * u[8:] @ torch.nn.functional.normalize(module.prototypes, dim=-1).T,
+                                                   2 * labels["shape"][other] + labels["size"][other])
+    caption_loss = torch.nn.functional.cross_entropy(scale * u[:8] @ v.T, batch["captions"])
+    torch.testing.assert_close(loss, caption_loss + shape_loss, rtol=1e-5, atol=1e-5)
+    assert module.prototypes.grad.abs().sum() > 0
+    halves = [local_slice(batch, r, 2)["other"][::2] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), batch["other"][::2])  # the same shuffled images under torchrun

@@ -35,6 +35,7 @@ from torch import nn
 
 from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from minipa.data.shapes import clip_normalise, clip_resize
+from minipa.eval import CHANNEL_ORDERS
 from minipa.train.trainer import TrainingModule
 
 
@@ -87,6 +88,48 @@ class CLIPTraining(TrainingModule):
         same = (batch["captions"][:, None] == batch["captions"][None, :]).float()  # (B, B)
         target = same / same.sum(dim=1, keepdim=True)  # symmetric pattern: rows and columns alike
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+class ShapeTraining(CLIPTraining):
+    """Phase 3 (the extra stage "clip_shapes"): the image tower alone learns the shape apart from the colours.
+
+    After phase 2 the image embedding holds the shape only together with the colour pair it was seen in:
+    a linear map reads the shape of held-out combinations at chance (weights/README.md). Here the text
+    tower, its projection and τ are frozen, and each batch is the phase-2 loss (each image against every
+    caption) plus a share of other images shown with their RGB channels shuffled (the judge's trick,
+    `minipa.eval`) against 8 learned (shape, size) prototypes; those images' colours are no guide to
+    their shape, so the tower has to find the shape in the outline. The text tower, and so the UNet
+    trained on it, stay as they are; only the image encoder (and the adapter on top of it) change.
+    """
+
+    def __init__(self, *args, shape_size: torch.Tensor, every: int = 2):
+        """shape_size: (N,) the class 2·shape + size of each training image; every: one shuffled copy per
+        `every` rows of a batch (rows 0, every, 2·every, …: the same rows whether or not torchrun splits it)."""
+        super().__init__(*args)
+        self.contrast_with_every_caption()
+        self.shape_size, self.every = shape_size, every
+        self.prototypes = nn.Parameter(torch.randn(int(shape_size.max()) + 1, self.image_encoder.config.projection_dim) * 0.02)
+        for p in (*self.text_encoder.parameters(), self.text_projection.weight, self.logit_scale):
+            p.requires_grad_(False)
+
+    def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        b = super().batch(generator, size)
+        b["other"] = torch.randint(len(self.pixels), (size,), generator=generator)  # the images shown shuffled
+        b["order"] = torch.randint(len(CHANNEL_ORDERS), (size,), generator=generator)
+        return b
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        B = len(batch["pixels"])
+        other, order = batch["other"][:: self.every], CHANNEL_ORDERS[batch["order"][:: self.every]]
+        pixels = self.pixels[other]  # (S, 3, 224, 224)
+        shuffled = pixels.gather(1, order[:, :, None, None].expand_as(pixels))
+        u = self.embed_pixels(torch.cat([batch["pixels"], shuffled]))  # (B + S, P)
+        with torch.no_grad():
+            v = self.embed_text(self.caption_ids)  # (C, P), frozen
+        scale = self.logit_scale.exp().clamp(max=100)
+        captions = F.cross_entropy(scale * u[:B] @ v.T, batch["captions"])
+        shapes = F.cross_entropy(scale * u[B:] @ F.normalize(self.prototypes, dim=-1).T, self.shape_size[other])
+        return captions + shapes
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from minipa.ip_adapter import IPAdapter
 from minipa.pipeline import image_features, uncond_image_features
 from minipa.tokenizer import load_tokenizer
 from minipa.train import export
-from minipa.train.clip import CLIPTraining, retrieval_accuracy
+from minipa.train.clip import CLIPTraining, ShapeTraining, retrieval_accuracy
 from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import Schedule, distributed, fit
 from minipa.train.unet import DiffusionData, UNetTraining
@@ -39,7 +39,7 @@ from minipa.vae import VAEConfig, load_vae
 from minipa.weights import save_safetensors, sha256_of
 
 STAGES = ("clip", "clip_image", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
-EXTRA_STAGES = ("ablation", "ip_plus")  # experiments for the model card, run on request
+EXTRA_STAGES = ("clip_shapes", "ablation", "ip_plus")  # experiments for the model card, run on request
 PLUS_FILE = "ip-adapter-plus.safetensors"  # the ip_plus experiment's output, in --work (not shipped)
 EVAL_FILE = "eval.safetensors"  # CLIP's text projection and the evaluation classifier (not part of SD)
 
@@ -69,6 +69,7 @@ class WorldConfig:
     text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1))
+    clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
     vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=5e-4, warmup=20))
     unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, ema=0.995))
@@ -94,7 +95,8 @@ class WorldConfig:
             vae=dataclasses.replace(base.vae, block_out_channels=(8, 8, 8, 8), norm_num_groups=4),
             unet=dataclasses.replace(base.unet, block_out_channels=(16, 16, 16), attention_head_dim=2, cross_attention_dim=32,
                                      norm_num_groups=4),
-            clip_schedule=quick(base.clip_schedule, 8), clip_image_schedule=quick(base.clip_image_schedule, 8), vae_schedule=quick(base.vae_schedule, 4), vae_refine_schedule=quick(base.vae_refine_schedule, 4),
+            clip_schedule=quick(base.clip_schedule, 8), clip_image_schedule=quick(base.clip_image_schedule, 8),
+            clip_shapes_schedule=quick(base.clip_shapes_schedule, 8), vae_schedule=quick(base.vae_schedule, 4), vae_refine_schedule=quick(base.vae_refine_schedule, 4),
             unet_schedule=quick(base.unet_schedule, 8), ip_schedule=quick(base.ip_schedule, 8),
             classifier_schedule=quick(base.classifier_schedule, 8),
         )
@@ -186,17 +188,12 @@ class World:
 
     def stage_clip_image(self) -> dict:
         """Phase 2 of CLIP: both towers on, each image contrasted with every caption (see train/clip.py)."""
-        from safetensors.torch import load_file
-
         data, cfg = self.train_set, self.config
         tokenizer = load_tokenizer(self.out / "tokenizer")
         module = CLIPTraining(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
                               load_image_encoder(self.out / "image_encoder", dtype=torch.float32), self.resized_images,
                               tokenizer(data["captions"]), data["caption_index"])
-        extra = load_file(str(self.work / "clip" / "projection.safetensors"))
-        with torch.no_grad():
-            module.text_projection.weight.copy_(extra["text_projection.weight"])
-            module.logit_scale.copy_(extra["logit_scale"][0])
+        self._load_projection(module, "clip")
         module.contrast_with_every_caption()
         result = self._fit("clip_image", module, cfg.clip_image_schedule)
         self.train_set.pop("resized")  # no later stage reads them
@@ -207,6 +204,36 @@ class World:
             save_safetensors({"text_projection.weight": module.text_projection.weight,
                               "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / "clip_image" / "projection.safetensors")
         return self._finish("clip_image", result, metrics)
+
+    def stage_clip_shapes(self) -> dict:
+        """Phase 3 of CLIP, an experiment (train/clip.py, ShapeTraining): the image tower alone learns the
+        shape apart from the colours. It rewrites image_encoder/ in --out: run `ip` after it."""
+        data, cfg = self.train_set, self.config
+        tokenizer = load_tokenizer(self.out / "tokenizer")
+        labels = scene_labels(data["scenes"])
+        torch.manual_seed(cfg.seed)  # the prototypes' initialisation
+        module = ShapeTraining(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
+                               load_image_encoder(self.out / "image_encoder", dtype=torch.float32), self.resized_images,
+                               tokenizer(data["captions"]), data["caption_index"], shape_size=2 * labels["shape"] + labels["size"])
+        self._load_projection(module, "clip_image")
+        result = self._fit("clip_shapes", module, cfg.clip_shapes_schedule)
+        self.train_set.pop("resized")
+        metrics = self._clip_metrics(module, tokenizer)
+        if self.rank == 0:
+            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
+        return self._finish("clip_shapes", result, metrics)
+
+    def _load_projection(self, module: CLIPTraining, stage: str) -> None:
+        """CLIP's text projection and τ as the stage `stage` left them (SD's files do not hold them)."""
+        from safetensors.torch import load_file
+
+        path = self.work / stage / "projection.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the {stage!r} stage first (into this --work folder)")
+        extra = load_file(str(path))
+        with torch.no_grad():
+            module.text_projection.weight.copy_(extra["text_projection.weight"])
+            module.logit_scale.copy_(extra["logit_scale"][0])
 
     def _clip_metrics(self, module: CLIPTraining, tokenizer) -> dict:
         test = ShapesDataset("test", self.config.eval_images, self.config.seed)
