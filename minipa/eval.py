@@ -40,6 +40,11 @@ RECOLOUR = 0.5  # training augmentation: the share of images shown with their RG
 CHANNEL_ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
 
 
+def shuffle_channels(pixels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) → the same images with their channels in `CHANNEL_ORDERS[order]` ((B,) indices)."""
+    return pixels.gather(1, CHANNEL_ORDERS[order][:, :, None, None].expand_as(pixels))
+
+
 class ShapeClassifier(nn.Module):
     """(B, 3, 64, 64) in [-1, 1] → logits for each attribute in HEADS. Four stride-2 convolutions, 64 → 4,
     then average and max pooling over positions (a shape means the same thing anywhere in the image)."""
@@ -76,7 +81,7 @@ class ClassifierTraining(TrainingModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pixels = to_model_pixels(self.images[batch["index"]])  # (B, 3, H, W)
-        shuffled = pixels.gather(1, CHANNEL_ORDERS[batch["order"]][:, :, None, None].expand_as(pixels))
+        shuffled = shuffle_channels(pixels, batch["order"])
         recolour = batch["recolour"]
         logits = self.classifier(torch.where(recolour[:, None, None, None], shuffled, pixels) + batch["noise"])
         coloured = (~recolour).float()

@@ -346,7 +346,7 @@ def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
     """The `clip_shapes` stage: the text side frozen, every 2nd row adds a channel-shuffled image against
     its (shape, size) prototype, and a batch split over processes uses the same rows as the whole."""
     from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
-    from minipa.data.shapes import caption_table, clip_resize, scene_labels, tiny_tokenizer
+    from minipa.data.shapes import caption_table, clip_normalise, clip_resize, scene_labels, tiny_tokenizer
     from minipa.eval import CHANNEL_ORDERS
     from minipa.train.clip import ShapeTraining
     from minipa.train.trainer import local_slice
@@ -369,8 +369,6 @@ def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
     other, order = batch["other"][::2], CHANNEL_ORDERS[batch["order"][::2]]
     expected = clip_resize(data.images()[other])
     expected = torch.stack([e[o] for e, o in zip(expected, order)])
-    from minipa.data.shapes import clip_normalise
-
     torch.testing.assert_close(pixels[8:], clip_normalise(expected))
     u = torch.nn.functional.normalize(module.image_encoder(pixels).image_embeds, dim=-1)
     scale = module.logit_scale.exp()

@@ -35,7 +35,7 @@ from torch import nn
 
 from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from minipa.data.shapes import clip_normalise, clip_resize
-from minipa.eval import CHANNEL_ORDERS
+from minipa.eval import CHANNEL_ORDERS, shuffle_channels
 from minipa.train.trainer import TrainingModule
 
 
@@ -77,14 +77,20 @@ class CLIPTraining(TrainingModule):
         """(B, 3, 224, 224) uint8, already resized → (B, P) unit vectors."""
         return F.normalize(self.image_encoder(clip_normalise(pixels)).image_embeds, dim=-1)
 
+    def scale(self) -> torch.Tensor:
+        """exp(τ), capped at 100 as in CLIP."""
+        return self.logit_scale.exp().clamp(max=100)
+
+    def every_caption_logits(self, u: torch.Tensor) -> torch.Tensor:
+        """(B, P) image embeddings → (B, C) logits against every caption (phases 2 and 3)."""
+        return self.scale() * u @ self.embed_text(self.caption_ids).T
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self.embed_pixels(batch["pixels"])  # (B, P)
         if self.every_caption:  # phase 2: every caption is a candidate, not just the batch's
-            v = self.embed_text(self.caption_ids)  # (C, P)
-            logits = self.logit_scale.exp().clamp(max=100) * u @ v.T  # (B, C)
-            return F.cross_entropy(logits, batch["captions"])
+            return F.cross_entropy(self.every_caption_logits(u), batch["captions"])
         v = self.embed_text(self.caption_ids[batch["captions"]])  # (B, P)
-        logits = self.logit_scale.exp().clamp(max=100) * u @ v.T  # (B, B): image i vs caption j
+        logits = self.scale() * u @ v.T  # (B, B): image i vs caption j
         same = (batch["captions"][:, None] == batch["captions"][None, :]).float()  # (B, B)
         target = same / same.sum(dim=1, keepdim=True)  # symmetric pattern: rows and columns alike
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
@@ -120,15 +126,11 @@ class ShapeTraining(CLIPTraining):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         B = len(batch["pixels"])
-        other, order = batch["other"][:: self.every], CHANNEL_ORDERS[batch["order"][:: self.every]]
-        pixels = self.pixels[other]  # (S, 3, 224, 224)
-        shuffled = pixels.gather(1, order[:, :, None, None].expand_as(pixels))
+        other = batch["other"][:: self.every]
+        shuffled = shuffle_channels(self.pixels[other], batch["order"][:: self.every])  # (S, 3, 224, 224)
         u = self.embed_pixels(torch.cat([batch["pixels"], shuffled]))  # (B + S, P)
-        with torch.no_grad():
-            v = self.embed_text(self.caption_ids)  # (C, P), frozen
-        scale = self.logit_scale.exp().clamp(max=100)
-        captions = F.cross_entropy(scale * u[:B] @ v.T, batch["captions"])
-        shapes = F.cross_entropy(scale * u[B:] @ F.normalize(self.prototypes, dim=-1).T, self.shape_size[other])
+        captions = F.cross_entropy(self.every_caption_logits(u[:B]), batch["captions"])  # the text side is frozen
+        shapes = F.cross_entropy(self.scale() * u[B:] @ F.normalize(self.prototypes, dim=-1).T, self.shape_size[other])
         return captions + shapes
 
 

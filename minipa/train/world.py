@@ -188,12 +188,8 @@ class World:
 
     def stage_clip_image(self) -> dict:
         """Phase 2 of CLIP: both towers on, each image contrasted with every caption (see train/clip.py)."""
-        data, cfg = self.train_set, self.config
-        tokenizer = load_tokenizer(self.out / "tokenizer")
-        module = CLIPTraining(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
-                              load_image_encoder(self.out / "image_encoder", dtype=torch.float32), self.resized_images,
-                              tokenizer(data["captions"]), data["caption_index"])
-        self._load_projection(module, "clip")
+        cfg, tokenizer = self.config, load_tokenizer(self.out / "tokenizer")
+        module = self._clip_from_out(CLIPTraining, tokenizer, "clip")
         module.contrast_with_every_caption()
         result = self._fit("clip_image", module, cfg.clip_image_schedule)
         self.train_set.pop("resized")  # no later stage reads them
@@ -208,14 +204,10 @@ class World:
     def stage_clip_shapes(self) -> dict:
         """Phase 3 of CLIP, an experiment (train/clip.py, ShapeTraining): the image tower alone learns the
         shape apart from the colours. It rewrites image_encoder/ in --out: run `ip` after it."""
-        data, cfg = self.train_set, self.config
-        tokenizer = load_tokenizer(self.out / "tokenizer")
-        labels = scene_labels(data["scenes"])
+        cfg, tokenizer = self.config, load_tokenizer(self.out / "tokenizer")
+        labels = scene_labels(self.train_set["scenes"])
         torch.manual_seed(cfg.seed)  # the prototypes' initialisation
-        module = ShapeTraining(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
-                               load_image_encoder(self.out / "image_encoder", dtype=torch.float32), self.resized_images,
-                               tokenizer(data["captions"]), data["caption_index"], shape_size=2 * labels["shape"] + labels["size"])
-        self._load_projection(module, "clip_image")
+        module = self._clip_from_out(ShapeTraining, tokenizer, "clip_image", shape_size=2 * labels["shape"] + labels["size"])
         result = self._fit("clip_shapes", module, cfg.clip_shapes_schedule)
         self.train_set.pop("resized")
         metrics = self._clip_metrics(module, tokenizer)
@@ -223,17 +215,23 @@ class World:
             export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
         return self._finish("clip_shapes", result, metrics)
 
-    def _load_projection(self, module: CLIPTraining, stage: str) -> None:
-        """CLIP's text projection and τ as the stage `stage` left them (SD's files do not hold them)."""
+    def _clip_from_out(self, cls, tokenizer, stage: str, **kwargs) -> CLIPTraining:
+        """A CLIP training module on the towers in --out, with the text projection and τ that `stage` left
+        in --work (SD's files do not hold them)."""
         from safetensors.torch import load_file
 
         path = self.work / stage / "projection.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: run the {stage!r} stage first (into this --work folder)")
+        data = self.train_set
+        module = cls(load_text_encoder(self.out / "text_encoder", dtype=torch.float32),
+                     load_image_encoder(self.out / "image_encoder", dtype=torch.float32), self.resized_images,
+                     tokenizer(data["captions"]), data["caption_index"], **kwargs)
         extra = load_file(str(path))
         with torch.no_grad():
             module.text_projection.weight.copy_(extra["text_projection.weight"])
             module.logit_scale.copy_(extra["logit_scale"][0])
+        return module
 
     def _clip_metrics(self, module: CLIPTraining, tokenizer) -> dict:
         test = ShapesDataset("test", self.config.eval_images, self.config.seed)
