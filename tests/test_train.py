@@ -183,7 +183,7 @@ def smoke_world(tmp_path_factory):
 def test_the_whole_world_trains_and_exports_in_the_real_formats(smoke_world):
     root, summary = smoke_world
     out = root / "out"
-    assert set(summary["stages"]) == set(STAGES) | {"clip_shapes", "ablation", "ip_plus"}
+    assert set(summary["stages"]) == set(STAGES) | {"ablation", "ip_plus"}
     assert all(r["steps"] == 3 for r in summary["stages"].values())
     for f in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
               "text_encoder/model.safetensors", "image_encoder/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",

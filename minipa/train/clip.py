@@ -97,7 +97,7 @@ class CLIPTraining(TrainingModule):
 
 
 class ShapeTraining(CLIPTraining):
-    """Phase 3 (the extra stage "clip_shapes"): the image tower alone learns the shape apart from the colours.
+    """Phase 3 (stage "clip_shapes"): the image tower alone learns the shape apart from the colours.
 
     After phase 2 the image embedding holds the shape only together with the colour pair it was seen in:
     a linear map reads the shape of held-out combinations at chance (weights/README.md). Here the text
@@ -105,7 +105,7 @@ class ShapeTraining(CLIPTraining):
     caption) plus a share of other images shown with their RGB channels shuffled (the judge's trick,
     `minipa.eval`) against 8 learned (shape, size) prototypes; those images' colours are no guide to
     their shape, so the tower has to find the shape in the outline. The text tower, and so the UNet
-    trained on it, stay as they are; only the image encoder (and the adapter on top of it) change.
+    trained on it, are what phase 2 left; only the image encoder (and the adapter on top of it) change.
     """
 
     def __init__(self, *args, shape_size: torch.Tensor, every: int = 2):

@@ -38,8 +38,9 @@ from minipa.unet import UNetConfig, load_unet
 from minipa.vae import VAEConfig, load_vae
 from minipa.weights import save_safetensors, sha256_of
 
-STAGES = ("clip", "clip_image", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
-EXTRA_STAGES = ("clip_shapes", "ablation", "ip_plus")  # experiments for the model card, run on request
+STAGES = ("clip", "clip_image", "clip_shapes", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
+EXTRA_STAGES = ("ablation", "ip_plus")  # experiments for the model card, run on request
+CLIP_STAGES = ("clip", "clip_image", "clip_shapes")  # the stages that read the training images resized for CLIP
 PLUS_FILE = "ip-adapter-plus.safetensors"  # the ip_plus experiment's output, in --work (not shipped)
 EVAL_FILE = "eval.safetensors"  # CLIP's text projection and the evaluation classifier (not part of SD)
 
@@ -69,11 +70,11 @@ class WorldConfig:
     text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1))
-    clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
+    clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=600, batch_size=128, lr=1e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
     vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=5e-4, warmup=20))
     unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, ema=0.995))
-    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=2e-3, weight_decay=0.01))
+    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3, weight_decay=0.01))
     classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3))
 
     @classmethod
@@ -163,7 +164,10 @@ class World:
         for stage in stages:
             if stage not in STAGES + EXTRA_STAGES:
                 raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(STAGES + EXTRA_STAGES)}")
+        for i, stage in enumerate(stages):
             records[stage] = self.done(stage) if self.resume and self.done(stage) else getattr(self, f"stage_{stage}")()
+            if self._train is not None and not set(stages[i + 1 :]) & set(CLIP_STAGES):
+                self._train.pop("resized", None)  # 1.5 GB that no later stage reads
         if self.rank == 0 and (self.out / "model_index.json").is_file():
             export.write_manifest(self.out)
         return records
@@ -192,7 +196,6 @@ class World:
         module = self._clip_from_out(CLIPTraining, tokenizer, "clip")
         module.contrast_with_every_caption()
         result = self._fit("clip_image", module, cfg.clip_image_schedule)
-        self.train_set.pop("resized")  # no later stage reads them
         metrics = self._clip_metrics(module, tokenizer)
         if self.rank == 0:
             export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
@@ -202,14 +205,13 @@ class World:
         return self._finish("clip_image", result, metrics)
 
     def stage_clip_shapes(self) -> dict:
-        """Phase 3 of CLIP, an experiment (train/clip.py, ShapeTraining): the image tower alone learns the
-        shape apart from the colours. It rewrites image_encoder/ in --out: run `ip` after it."""
+        """Phase 3 of CLIP (train/clip.py, ShapeTraining): the image tower alone learns the shape apart from
+        the colours. It rewrites image_encoder/ in --out: the stages after it (diffusion data, `ip`) read that."""
         cfg, tokenizer = self.config, load_tokenizer(self.out / "tokenizer")
         labels = scene_labels(self.train_set["scenes"])
         torch.manual_seed(cfg.seed)  # the prototypes' initialisation
         module = self._clip_from_out(ShapeTraining, tokenizer, "clip_image", shape_size=2 * labels["shape"] + labels["size"])
         result = self._fit("clip_shapes", module, cfg.clip_shapes_schedule)
-        self.train_set.pop("resized")
         metrics = self._clip_metrics(module, tokenizer)
         if self.rank == 0:
             export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
