@@ -18,6 +18,8 @@ learns shapes slowly), and the text tower had followed it — the hidden states 
 tower separates the shapes again as the image tower learns them: the UNet reads these hidden states,
 and with the text tower locked after phase 1 (our first recipe) it drew the right pair (round or
 pointed) but a coin toss within it.
+A third phase (stage "clip_shapes", `ShapeTraining` below) trains the image tower alone, so that it keeps
+the shape apart from the colours; the text tower that the UNet reads is what phase 2 left.
 Captions are encoded only up to the longest one's <|endoftext|>: the text tower is causal, so the
 states there do not depend on the padding after it (the same numbers, a fraction of the work).
 
