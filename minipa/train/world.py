@@ -125,7 +125,7 @@ class World:
 
     @property
     def resized_images(self) -> torch.Tensor:
-        """The training images resized for CLIP's image tower: once for both CLIP phases (1.5 GB; dropped after)."""
+        """The training images resized for CLIP's image tower: once for all CLIP stages (1.5 GB; `run` drops them after the last)."""
         if "resized" not in self.train_set:
             self.train_set["resized"] = clip_resize(self.train_set["images"])
         return self.train_set["resized"]
