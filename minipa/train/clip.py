@@ -63,8 +63,9 @@ class CLIPTraining(TrainingModule):
         self.every_caption = True
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        """Indices, not pixels: under torchrun each process gathers only the images of its own slice."""
         index = torch.randint(len(self.pixels), (size,), generator=generator)
-        return {"pixels": self.pixels[index], "captions": self.caption_index[index]}
+        return {"index": index, "captions": self.caption_index[index]}
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, P) unit vectors."""
@@ -88,7 +89,7 @@ class CLIPTraining(TrainingModule):
         return self.scale() * u @ self.embed_text(self.caption_ids).T
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self.embed_pixels(batch["pixels"])  # (B, P)
+        u = self.embed_pixels(self.pixels[batch["index"]])  # (B, P)
         if self.every_caption:  # phase 2: every caption is a candidate, not just the batch's
             return F.cross_entropy(self.every_caption_logits(u), batch["captions"])
         v = self.embed_text(self.caption_ids[batch["captions"]])  # (B, P)
@@ -127,10 +128,10 @@ class ShapeTraining(CLIPTraining):
         return b
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        B = len(batch["pixels"])
+        B = len(batch["index"])
         other = batch["other"][:: self.every]
         shuffled = shuffle_channels(self.pixels[other], batch["order"][:: self.every])  # (S, 3, 224, 224)
-        u = self.embed_pixels(torch.cat([batch["pixels"], shuffled]))  # (B + S, P)
+        u = self.embed_pixels(torch.cat([self.pixels[batch["index"]], shuffled]))  # (B + S, P)
         captions = F.cross_entropy(self.every_caption_logits(u[:B]), batch["captions"])  # the text side is frozen
         shapes = F.cross_entropy(self.scale() * u[B:] @ F.normalize(self.prototypes, dim=-1).T, self.shape_size[other])
         return captions + shapes
