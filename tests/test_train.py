@@ -272,6 +272,28 @@ def test_a_mis_shaped_ablation_file_is_named(smoke_world, tmp_path):
         load_concat_projection(tmp_path, pipe)
 
 
+def test_the_resized_clip_images_are_dropped_after_the_last_clip_stage(tmp_path):
+    """`World.run` keeps the training images resized for CLIP (1.5 GB in the real run) while a CLIP stage
+    is still to come in the list, and drops them after the last one."""
+    from minipa.train.world import World
+
+    world = World(WorldConfig.smoke(), tmp_path / "out", tmp_path / "work", progress=False)
+    held = {}
+
+    def stage(name):
+        def run():
+            if name.startswith("clip"):
+                world.resized_images  # what the CLIP stages read
+            held[name] = "resized" in world.train_set
+            return {}
+        return run
+
+    for name in ("clip", "vae", "clip_shapes", "unet"):
+        setattr(world, f"stage_{name}", stage(name))
+    world.run(("clip", "vae", "clip_shapes", "unet"))
+    assert held == {"clip": True, "vae": True, "clip_shapes": True, "unet": False}
+
+
 def test_train_refuses_to_overwrite_a_run_without_resume(smoke_world):
     root, _ = smoke_world
     with pytest.raises(FileExistsError, match="--resume"):
