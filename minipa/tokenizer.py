@@ -13,7 +13,9 @@ The path a prompt takes:
             best (lowest) rank in `merges.txt` is merged, again and again, until no pair has a rank;
 5. ids:     each final symbol is looked up in `vocab.json`; `<|startoftext|>` goes in front and
             `<|endoftext|>` behind; longer prompts are truncated to 77 (with a warning), shorter
-            ones padded to 77 with `<|endoftext|>`, exactly as SD 1.5's tokenizer files ask.
+            ones padded to 77 with `<|endoftext|>`, exactly as SD 1.5's tokenizer files ask
+            (77 is their `model_max_length`; a folder whose tokenizer_config.json says another
+            length gets that one, as in transformers).
 
 This reproduces transformers 5's `CLIPTokenizer` (which diffusers calls): like it, no ftfy
 and no HTML unescaping. Files read: a diffusers `tokenizer/` folder (vocab.json + merges.txt)
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+from minipa.config import read_json
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 CONTEXT_LENGTH = 77  # SD 1.5's text encoder has 77 positions
@@ -83,6 +87,21 @@ def vocab_from_bpe_gz(path: str | Path) -> tuple[dict[str, int], list[tuple[str,
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
+def context_length(settings_file: Path) -> int:
+    """How many ids a prompt becomes: `model_max_length` in tokenizer_config.json (77 for SD 1.5).
+
+    No file, no such setting, or transformers' "no limit" value (1e30): CLIP's 77."""
+    if not settings_file.is_file():
+        return CONTEXT_LENGTH
+    length = read_json(settings_file, "tokenizer settings").get("model_max_length", CONTEXT_LENGTH)
+    if isinstance(length, (int, float)) and not isinstance(length, bool) and length >= 1e6:
+        return CONTEXT_LENGTH
+    if not isinstance(length, int) or isinstance(length, bool) or length < 2:
+        raise TokenizerError(f"{settings_file}: model_max_length should be a whole number ≥ 2 (room for the start and "
+                             f"end tokens), found {length!r}")
+    return length
+
+
 class CLIPTokenizer:
     """Text → CLIP token ids, exactly as SD 1.5's `tokenizer/` does it."""
 
@@ -123,7 +142,7 @@ class CLIPTokenizer:
         bad = [" ".join(m) for m in merges if len(m) != 2]
         if bad:
             raise TokenizerError(f"{merges_file}: each line should hold two symbols, found {bad[0]!r}")
-        return cls(vocab, merges)
+        return cls(vocab, merges, context_length(folder / "tokenizer_config.json"))
 
     @classmethod
     def _from_tokenizer_json(cls, path: Path) -> "CLIPTokenizer":

@@ -146,3 +146,24 @@ def test_corrupt_tokenizer_files_are_clear_errors(tmp_path):
     gz.write_bytes(b"not gzip")
     with pytest.raises(TokenizerError, match="gzip"):
         load_tokenizer(gz)
+
+
+def test_model_max_length_in_tokenizer_config_sets_the_padded_length_as_in_transformers(tmp_path, sd_tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+        (tmp_path / name).write_bytes((sd_tokenizer_dir / name).read_bytes())
+    settings = json.loads((sd_tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 12}))
+    ours, reference = load_tokenizer(tmp_path), transformers.CLIPTokenizer.from_pretrained(tmp_path)
+    prompts = ["a photo of a cat", "", "a photo of an astronaut riding a horse on mars at sunset"]  # the last: 14 ids
+    expected = reference(prompts, padding="max_length", max_length=reference.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    with pytest.warns(UserWarning, match="reads only 12"):
+        got = ours(prompts)
+    assert reference.model_max_length == 12 and got.shape == (3, 12) and torch.equal(got, expected)
+    for bad in (1, "twelve", 12.5):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": bad}))
+        with pytest.raises(TokenizerError, match=r"tokenizer_config.json: model_max_length should be a whole number"):
+            load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": int(1e30)}))
+    assert load_tokenizer(tmp_path).context_length == 77  # transformers' "no limit": CLIP's own 77

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from minipa.preprocess import CLIP_MEAN, CLIP_STD, SIZE as CLIP_SIZE
-from minipa.tokenizer import END, START, CLIPTokenizer, bytes_to_unicode
+from minipa.tokenizer import CONTEXT_LENGTH, END, START, CLIPTokenizer, bytes_to_unicode
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215), "yellow": (240, 205, 35), "purple": (140, 50, 170)}
@@ -239,10 +239,11 @@ def caption_words() -> list[str]:
     return sorted(words)
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer(context_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
     """A CLIP BPE tokenizer with a vocabulary of ~600 tokens: every byte (so any text still
     tokenizes), one merge chain per caption word (so each word becomes one token), and the two
-    special tokens last, as in CLIP (so <|endoftext|> has the highest id, which CLIP pools at)."""
+    special tokens last, as in CLIP (so <|endoftext|> has the highest id, which CLIP pools at).
+    Prompts become `context_length` ids (SD 1.5: 77)."""
     byte_chars = list(bytes_to_unicode().values())
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[tuple[str, str]] = []
@@ -256,7 +257,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
             merged += nxt
     vocab_list = list(dict.fromkeys(vocab_list)) + [START, END]
     vocab = {token: i for i, token in enumerate(vocab_list)}
-    return CLIPTokenizer(vocab, merges)
+    return CLIPTokenizer(vocab, merges, context_length)
 
 
 def partial_captions(scene: Scene) -> tuple[str, str]:

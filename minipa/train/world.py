@@ -175,7 +175,7 @@ class World:
     # ── the stages ──────────────────────────────────────────────────────────────────────────────
     def stage_clip(self) -> dict:
         data, cfg = self.train_set, self.config
-        tokenizer = tiny_tokenizer()
+        tokenizer = tiny_tokenizer(cfg.text.max_position_embeddings)
         torch.manual_seed(cfg.seed)
         module = CLIPTraining(CLIPTextModel(cfg.text), CLIPVisionModelWithProjection(cfg.vision), self.resized_images,
                               tokenizer(data["captions"]), data["caption_index"])
