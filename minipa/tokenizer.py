@@ -87,7 +87,7 @@ def vocab_from_bpe_gz(path: str | Path) -> tuple[dict[str, int], list[tuple[str,
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def context_length(settings_file: Path) -> int:
+def read_context_length(settings_file: Path) -> int:
     """How many ids a prompt becomes: `model_max_length` in tokenizer_config.json (77 for SD 1.5).
 
     No file, no such setting, or transformers' "no limit" value (1e30): CLIP's 77."""
@@ -142,7 +142,7 @@ class CLIPTokenizer:
         bad = [" ".join(m) for m in merges if len(m) != 2]
         if bad:
             raise TokenizerError(f"{merges_file}: each line should hold two symbols, found {bad[0]!r}")
-        return cls(vocab, merges, context_length(folder / "tokenizer_config.json"))
+        return cls(vocab, merges, read_context_length(folder / "tokenizer_config.json"))
 
     @classmethod
     def _from_tokenizer_json(cls, path: Path) -> "CLIPTokenizer":
