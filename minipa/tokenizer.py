@@ -154,7 +154,7 @@ class CLIPTokenizer:
         bad = [m for m in merges if len(m) != 2]
         if not isinstance(vocab, dict) or bad:
             raise TokenizerError(f"{path}: expected model.vocab as a mapping and model.merges as symbol pairs")
-        return cls(vocab, merges)
+        return cls(vocab, merges, read_context_length(path.parent / "tokenizer_config.json"))
 
     @classmethod
     def from_bpe_gz(cls, path: str | Path) -> "CLIPTokenizer":
