@@ -147,6 +147,7 @@ ASSIGNMENTS = (
             "tests/test_tokenizer.py::test_unpadded_encode_equals_transformers",
             "tests/test_tokenizer.py::test_call_returns_ids_padded_with_endoftext",
             "tests/test_tokenizer.py::test_long_prompt_is_truncated_with_a_warning_counting_dropped_tokens",
+            "tests/test_tokenizer.py::test_model_max_length_in_tokenizer_config_sets_the_padded_length_as_in_transformers",
             "tests/test_data.py::test_tiny_tokenizer_makes_one_token_per_caption_word_and_handles_any_text",
             "tests/test_data.py::test_tiny_tokenizer_round_trips_and_matches_transformers",
             "tests/test_reliability.py::test_fuzz_tokenizer_never_crashes_and_stays_in_vocabulary",
