@@ -94,9 +94,9 @@ def read_context_length(settings_file: Path) -> int:
     if not settings_file.is_file():
         return CONTEXT_LENGTH
     length = read_json(settings_file, "tokenizer settings").get("model_max_length", CONTEXT_LENGTH)
-    if isinstance(length, (int, float)) and not isinstance(length, bool) and length >= 1e6:
+    if type(length) in (int, float) and length >= 1e6:
         return CONTEXT_LENGTH
-    if not isinstance(length, int) or isinstance(length, bool) or length < 2:
+    if type(length) is not int or length < 2:  # `type`, not isinstance: true/false are not lengths
         raise TokenizerError(f"{settings_file}: model_max_length should be a whole number ≥ 2 (room for the start and "
                              f"end tokens), found {length!r}")
     return length
