@@ -73,7 +73,7 @@ class WorldConfig:
     clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
     vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=5e-4, warmup=20))
-    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, weight_decay=0.1, ema=0.995))
+    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, ema=0.995))
     ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3, weight_decay=0.01))
     classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3))
 
