@@ -163,7 +163,7 @@ def test_model_max_length_in_tokenizer_config_sets_the_padded_length_as_in_trans
     assert reference.model_max_length == 12 and got.shape == (3, 12) and torch.equal(got, expected)
     reference.save_pretrained(tmp_path / "saved")  # transformers 5 writes tokenizer.json + tokenizer_config.json
     assert load_tokenizer(tmp_path / "saved").context_length == 12
-    for bad in (1, "twelve", 12.5):
+    for bad in (1, "twelve", 12.5, True):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": bad}))
         with pytest.raises(TokenizerError, match=r"tokenizer_config.json: model_max_length should be a whole number"):
             load_tokenizer(tmp_path)
