@@ -102,6 +102,38 @@ def read_context_length(settings_file: Path) -> int:
     return length
 
 
+def _read_vocab_and_merges(folder: Path, vocab_file: Path, merges_file: Path) -> tuple[dict, list[tuple]]:
+    """SD 1.5's layout: vocab.json (token → id) and merges.txt (one symbol pair per line, by rank)."""
+    for f in (vocab_file, merges_file):
+        if not f.is_file():
+            raise TokenizerError(f"{folder}: missing {f.name} (a CLIP tokenizer folder holds vocab.json and merges.txt)")
+    try:
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{vocab_file}: not valid JSON ({err})") from None
+    lines = merges_file.read_text(encoding="utf-8").split("\n")
+    if not isinstance(vocab, dict):
+        raise TokenizerError(f"{vocab_file}: expected a JSON object mapping tokens to ids")
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    bad = [" ".join(m) for m in merges if len(m) != 2]
+    if bad:
+        raise TokenizerError(f"{merges_file}: each line should hold two symbols, found {bad[0]!r}")
+    return vocab, merges
+
+
+def _read_tokenizer_json(path: Path) -> tuple[dict, list[tuple]]:
+    """transformers 5's layout: one tokenizer.json whose `model` holds the vocab and the merges."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        vocab, merges = model["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise TokenizerError(f"{path}: not a BPE tokenizer.json with model.vocab and model.merges ({err!r})") from None
+    bad = [m for m in merges if len(m) != 2]
+    if not isinstance(vocab, dict) or bad:
+        raise TokenizerError(f"{path}: expected model.vocab as a mapping and model.merges as symbol pairs")
+    return vocab, merges
+
+
 class CLIPTokenizer:
     """Text → CLIP token ids, exactly as SD 1.5's `tokenizer/` does it."""
 
@@ -127,34 +159,10 @@ class CLIPTokenizer:
         folder = Path(folder)
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
         if not vocab_file.exists() and (folder / "tokenizer.json").is_file():
-            return cls._from_tokenizer_json(folder / "tokenizer.json")
-        for f in (vocab_file, merges_file):
-            if not f.is_file():
-                raise TokenizerError(f"{folder}: missing {f.name} (a CLIP tokenizer folder holds vocab.json and merges.txt)")
-        try:
-            vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise TokenizerError(f"{vocab_file}: not valid JSON ({err})") from None
-        lines = merges_file.read_text(encoding="utf-8").split("\n")
-        if not isinstance(vocab, dict):
-            raise TokenizerError(f"{vocab_file}: expected a JSON object mapping tokens to ids")
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-        bad = [" ".join(m) for m in merges if len(m) != 2]
-        if bad:
-            raise TokenizerError(f"{merges_file}: each line should hold two symbols, found {bad[0]!r}")
+            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
+        else:
+            vocab, merges = _read_vocab_and_merges(folder, vocab_file, merges_file)
         return cls(vocab, merges, read_context_length(folder / "tokenizer_config.json"))
-
-    @classmethod
-    def _from_tokenizer_json(cls, path: Path) -> "CLIPTokenizer":
-        try:
-            model = json.loads(path.read_text(encoding="utf-8"))["model"]
-            vocab, merges = model["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise TokenizerError(f"{path}: not a BPE tokenizer.json with model.vocab and model.merges ({err!r})") from None
-        bad = [m for m in merges if len(m) != 2]
-        if not isinstance(vocab, dict) or bad:
-            raise TokenizerError(f"{path}: expected model.vocab as a mapping and model.merges as symbol pairs")
-        return cls(vocab, merges, read_context_length(path.parent / "tokenizer_config.json"))
 
     @classmethod
     def from_bpe_gz(cls, path: str | Path) -> "CLIPTokenizer":
