@@ -20,17 +20,17 @@ class ConfigError(ValueError):
     """A config file that is missing, unreadable or asks for something minipa does not support."""
 
 
-def read_json(path: str | Path, what: str) -> dict:
-    """Read a JSON object from `path`; `what` names the file's role in error messages."""
+def read_json(path: str | Path, what: str, error: type[Exception] = ConfigError) -> dict:
+    """Read a JSON object from `path`; `what` names the file's role in error messages, raised as `error`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{what}: expected a JSON file at {path}, but there is no such file")
+        raise error(f"{what}: expected a JSON file at {path}, but there is no such file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{what}: {path} is not valid JSON ({err})") from None
+        raise error(f"{what}: {path} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{what}: {path} should hold a JSON object, found {type(data).__name__}")
+        raise error(f"{what}: {path} should hold a JSON object, found {type(data).__name__}")
     return data
 
 

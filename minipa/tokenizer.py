@@ -107,13 +107,8 @@ def _read_vocab_and_merges(folder: Path, vocab_file: Path, merges_file: Path) ->
     for f in (vocab_file, merges_file):
         if not f.is_file():
             raise TokenizerError(f"{folder}: missing {f.name} (a CLIP tokenizer folder holds vocab.json and merges.txt)")
-    try:
-        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"{vocab_file}: not valid JSON ({err})") from None
+    vocab = read_json(vocab_file, "CLIP tokenizer vocabulary (token → id)", error=TokenizerError)
     lines = merges_file.read_text(encoding="utf-8").split("\n")
-    if not isinstance(vocab, dict):
-        raise TokenizerError(f"{vocab_file}: expected a JSON object mapping tokens to ids")
     merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
     bad = [" ".join(m) for m in merges if len(m) != 2]
     if bad:

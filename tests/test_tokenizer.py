@@ -138,6 +138,9 @@ def test_corrupt_tokenizer_files_are_clear_errors(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
     with pytest.raises(TokenizerError, match="JSON object"):
         load_tokenizer(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"a": 0,')
+    with pytest.raises(TokenizerError, match=r"vocab.json is not valid JSON"):
+        load_tokenizer(tmp_path)
     (tmp_path / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}))
     (tmp_path / "merges.txt").write_text("#version: 0.2\na b c\n")
     with pytest.raises(TokenizerError, match="two symbols"):
