@@ -7,8 +7,10 @@
 - Checkpoints are written atomically (a temporary file, then `os.replace`), so an interruption
   (Ctrl-C, a killed job) always leaves the last complete checkpoint in place.
 - Scale-out: under `torchrun`, each of the W processes takes its 1/W slice of the same global batch
-  and `DistributedDataParallel` averages the gradients (gloo on CPU, NCCL on GPU). The mean of
-  equal-sized slice means is the global mean, so W processes follow the single-process run.
+  and `DistributedDataParallel` averages the gradients over gloo. The mean of equal-sized slice
+  means is the global mean, so W processes follow the single-process run. Training runs on the CPU:
+  nothing here places a tensor on a GPU (NCCL, the GPU backend, would need that), so a CUDA machine
+  trains on its CPU cores too.
 
 A stage gives `fit` a `TrainingModule`: an nn.Module whose frozen parts have requires_grad=False,
 whose `forward(batch)` returns the loss, and whose `batch(generator, size)` draws a global batch.
@@ -73,7 +75,7 @@ def distributed() -> tuple[int, int]:
     """(rank, world size); starts the process group when run under torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # CPU tensors only (see the module docstring)
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
