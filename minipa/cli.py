@@ -63,6 +63,8 @@ def _add_train_and_eval(commands) -> None:
     train.add_argument("--work", default="runs/tiny", help="checkpoints, losses and timings (default runs/tiny)")
     train.add_argument("--stages", default="all", help="comma-separated subset of clip,clip_image,clip_shapes,vae,vae_refine,unet,ip,classifier, or the extras ablation, ip_plus (default: all but the extras)")
     train.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one bit for bit")
+    train.add_argument("--steps", metavar="STAGE=N[,…]", help="other step counts for some stages, e.g. unet=5000: the UNet "
+                       "composes held-out combinations with more samples than the hour affords (weights/README.md)")
     train.add_argument("--preset", choices=("tiny", "smoke"), default="tiny", help="tiny: what ships; smoke: seconds, for tests")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--debug", action="store_true", help="show the full traceback on errors")
@@ -86,10 +88,23 @@ def train(args) -> int:
 
     stages = STAGES if args.stages == "all" else tuple(s.strip() for s in args.stages.split(","))
     config = WorldConfig.tiny() if args.preset == "tiny" else WorldConfig.smoke()
+    if args.steps:
+        config = config.with_steps(parse_steps(args.steps))
     summary = train_world(config, args.out, args.work, stages=stages, resume=args.resume, progress=not args.no_progress)
     if summary:
         print(json.dumps({k: v for k, v in summary.items() if k != "domain"}, indent=2))
     return 0
+
+
+def parse_steps(text: str) -> dict[str, int]:
+    """--steps "unet=5000,ip=1500" → {"unet": 5000, "ip": 1500}."""
+    steps = {}
+    for item in text.split(","):
+        stage, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--steps: expected STAGE=N pairs separated by commas (e.g. unet=5000), found {item!r}")
+        steps[stage.strip()] = int(n)
+    return steps
 
 
 def evaluate(args) -> int:

@@ -294,6 +294,25 @@ def test_the_resized_clip_images_are_dropped_after_the_last_clip_stage(tmp_path)
     assert held == {"clip": True, "vae": True, "clip_shapes": True, "unet": False}
 
 
+def test_steps_option_changes_only_the_named_stages(tmp_path, capsys):
+    """`minipa train --steps unet=5000,ip=1500`: those two schedules get the new counts, nothing else changes;
+    a bad value is a one-line error naming --steps, before anything is written."""
+    from minipa.cli import main, parse_steps
+
+    base = WorldConfig.tiny()
+    config = base.with_steps(parse_steps("unet=5000, ip=1500"))
+    assert (config.unet_schedule.steps, config.ip_schedule.steps) == (5000, 1500)
+    assert dataclasses.replace(config, unet_schedule=base.unet_schedule, ip_schedule=base.ip_schedule) == base
+    for bad, says in [("unet5000", "--steps: expected STAGE=N"), ("unet=2.5", "found 'unet=2.5'"),
+                      ("ablation=3", "the extras train with ip's"), ("unett=3", "no stage 'unett'"), ("unet=0", "≥ 1")]:
+        assert main(["train", "--steps", bad, "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 1
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+    args = ["train", "--preset", "smoke", "--stages", "clip", "--steps", "clip=2", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 0
+    assert json.loads((tmp_path / "w" / "clip" / "done.json").read_text())["steps"] == 2
+
+
 def test_train_refuses_to_overwrite_a_run_without_resume(smoke_world):
     root, _ = smoke_world
     with pytest.raises(FileExistsError, match="--resume"):

@@ -102,6 +102,18 @@ class WorldConfig:
             classifier_schedule=quick(base.classifier_schedule, 8),
         )
 
+    def with_steps(self, steps: dict[str, int]) -> "WorldConfig":
+        """The same recipe with other step counts for some stages, e.g. {"unet": 5000}; the learning-rate
+        schedule stretches with them. The extra stages train with `ip`'s schedule."""
+        for stage, n in steps.items():
+            if stage not in STAGES:
+                raise ValueError(f"steps: no stage {stage!r} has its own schedule; the stages are {', '.join(STAGES)}"
+                                 + (" (the extras train with ip's)" if stage in EXTRA_STAGES else ""))
+            if type(n) is not int or n < 1:
+                raise ValueError(f"steps: {stage} needs a whole number of steps ≥ 1, found {n!r}")
+        return dataclasses.replace(self, **{f"{stage}_schedule": dataclasses.replace(getattr(self, f"{stage}_schedule"), steps=n)
+                                            for stage, n in steps.items()})
+
 
 class World:
     """Runs the stages of one `WorldConfig` between a work folder and an output (weights) folder."""
