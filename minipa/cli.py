@@ -63,8 +63,8 @@ def _add_train_and_eval(commands) -> None:
     train.add_argument("--work", default="runs/tiny", help="checkpoints, losses and timings (default runs/tiny)")
     train.add_argument("--stages", default="all", help="comma-separated subset of clip,clip_image,clip_shapes,vae,vae_refine,unet,ip,classifier, or the extras ablation, ip_plus (default: all but the extras)")
     train.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one bit for bit")
-    train.add_argument("--steps", metavar="STAGE=N[,…]", help="other step counts for some stages, e.g. unet=5000: the UNet "
-                       "composes held-out combinations with more samples than the hour affords (weights/README.md)")
+    train.add_argument("--steps", metavar="STAGE=N[,…]", help="other step counts for some stages, e.g. unet=5000 "
+                       "(weights/README.md: what more UNet training did to the held-out combinations)")
     train.add_argument("--preset", choices=("tiny", "smoke"), default="tiny", help="tiny: what ships; smoke: seconds, for tests")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument("--debug", action="store_true", help="show the full traceback on errors")
