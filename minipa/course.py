@@ -242,6 +242,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
         "manifest_mismatch_is_a_clear_error", "unet_batches_mix_full_partial_and_empty_captions",
         "extra_stages_load_and_evaluate", "a_mis_shaped_ablation_file_is_named",
+        "steps_option_trains_a_stage_that_many_steps",
     )),
     "tests/test_benchmark.py",  # whole files: generation end to end
     "tests/test_tiny_model.py",

@@ -308,6 +308,11 @@ def test_steps_option_changes_only_the_named_stages(tmp_path, capsys):
         assert main(["train", "--steps", bad, "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 1
         assert says in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
+
+
+def test_steps_option_trains_a_stage_that_many_steps(tmp_path):
+    from minipa.cli import main
+
     args = ["train", "--preset", "smoke", "--stages", "clip", "--steps", "clip=2", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w")]) == 0
     assert json.loads((tmp_path / "w" / "clip" / "done.json").read_text())["steps"] == 2
