@@ -1,7 +1,7 @@
 """Multi-head attention: the `softmax(QKᵀ/√d)V` at the heart of every transformer in minipa.
 
 Two ways to compute the same thing:
-- the *explicit* path writes the equation out (seed §3.2.2: Attention(Q,K,V) = Softmax(QKᵀ/√d)V),
+- the *explicit* path writes the equation out (paper §3.2.2: Attention(Q,K,V) = Softmax(QKᵀ/√d)V),
   so a reader can step through it and see the attention weights;
 - the *sdpa* path calls `torch.nn.functional.scaled_dot_product_attention`, which fuses the same
   math into one kernel: faster and lighter on memory. It is the default.

@@ -5,10 +5,10 @@ Both are the same pre-LayerNorm transformer encoder (`CLIPEncoderLayer` below):
     h = h + MLP(LayerNorm₂(h)),   MLP = fc2(act(fc1(·)))
 - text (ViT-L/14's text tower, SD 1.5): token + position embeddings → 12 layers with a *causal*
   mask (token i sees tokens ≤ i) and quick_gelu → `final_layer_norm`. SD uses every position
-  of that last hidden state, (B, 77, 768), as the UNet's cross-attention context (seed §3.1).
+  of that last hidden state, (B, 77, 768), as the UNet's cross-attention context (paper §3.1).
 - vision (OpenCLIP ViT-H/14, IP-Adapter SD 1.5): 14×14 patches → a class token in front →
   position embeddings → `pre_layrnorm` → 32 layers, no mask, gelu → `post_layernorm` on the
-  class token → `visual_projection` = the global image embedding (B, 1024) of seed §3.2.1.
+  class token → `visual_projection` = the global image embedding (B, 1024) of paper §3.2.1.
   IP-Adapter Plus reads the penultimate hidden state instead, so all hidden states are returned.
 
 Parameter names are transformers' own, so a transformers checkpoint loads by identity.

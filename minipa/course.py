@@ -48,7 +48,7 @@ class Assignment:
     title: str
     file: str  # the file holding the region, relative to the repository root
     where: str  # the function the student completes
-    task: str  # what to write, with the seed equation: the NotImplementedError message
+    task: str  # what to write, with the paper equation: the NotImplementedError message
     teaches: str
     hints: tuple[str, ...]
     tests: tuple[str, ...]  # pytest node ids; one without "[…]" stands for all its parametrizations
@@ -66,18 +66,18 @@ class Assignment:
 ASSIGNMENTS = (
     Assignment(
         1, "The forward process: add_noise", "minipa/ddpm.py", "add_noise",
-        task="return x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (seed eq. 1), with ᾱ_t = alphas_cumprod[t] "
+        task="return x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (paper eq. 1), with ᾱ_t = alphas_cumprod[t] "
              "reshaped to (B, 1, 1, 1) so that it broadcasts over x0's (B, C, H, W).",
         teaches="how a clean latent becomes a noisy one in a single jump, and what the schedule ᾱ_t means",
         hints=("`alphas_cumprod[t]` indexes a (T,) tensor with the (B,) timesteps; move it to x0's device and dtype first.",
                "`abar.reshape(-1, *([1] * (x0.ndim - 1)))` gives (B, 1, 1, 1) for 4-d x0.",
-               "The seed writes α_t for the cumulative product that diffusers calls ᾱ_t (`alphas_cumprod`)."),
+               "The paper writes α_t for the cumulative product that diffusers calls ᾱ_t (`alphas_cumprod`)."),
         tests=("tests/test_ddpm.py::test_add_noise_equals_diffusers_and_seed_eq1",),
         points=10, prerequisites=(), minutes=20,
     ),
     Assignment(
         2, "The training loss", "minipa/ddpm.py", "diffusion_loss",
-        task="return L = ‖ε − ε_θ(x_t, c, t)‖² (seed eq. 1), the mean over batch and pixels, computed in float32.",
+        task="return L = ‖ε − ε_θ(x_t, c, t)‖² (paper eq. 1), the mean over batch and pixels, computed in float32.",
         teaches="what the UNet is trained to predict, and why the loss is a plain mean squared error",
         hints=("`target` is the ε that `add_noise` used; `prediction` is the UNet's ε_θ.",
                "Cast both to float32 first: fp16 training computes the loss in full precision."),
@@ -102,7 +102,7 @@ ASSIGNMENTS = (
     ),
     Assignment(
         4, "Classifier-free guidance", "minipa/guidance.py", "cfg",
-        task="return ε̂ = ε_u + w·(ε_c − ε_u), which is seed eq. 2 ε̂ = w·ε_c + (1−w)·ε_u; for w = 1 return eps_cond itself.",
+        task="return ε̂ = ε_u + w·(ε_c − ε_u), which is paper eq. 2 ε̂ = w·ε_c + (1−w)·ε_u; for w = 1 return eps_cond itself.",
         teaches="how one model trained with and without its prompt is pushed towards the prompt at sampling time",
         hints=("Both forms are equal; the step form (ε_u + w·Δ) is what diffusers computes, so it matches to the last bit.",
                "w = 1 must give ε_c exactly (the pipeline then skips the unconditional pass)."),
@@ -157,7 +157,7 @@ ASSIGNMENTS = (
     Assignment(
         7, "The image projection", "minipa/ip_adapter.py", "ImageProjection.forward",
         task="image embedding (B, E) → self.proj → (B, N·D) → reshape to (B, N, D) → self.norm: "
-             "the N = 4 image tokens c_i of seed §3.2.1 (Linear + LayerNorm).",
+             "the N = 4 image tokens c_i of paper §3.2.1 (Linear + LayerNorm).",
         teaches="how one global CLIP image embedding becomes a few tokens the UNet's cross-attention can read",
         hints=("Keep any leading axes: `tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)`.",
                "LayerNorm normalises each token's D features, so a zero embedding gives LayerNorm(bias), not zeros."),
@@ -167,7 +167,7 @@ ASSIGNMENTS = (
     ),
     Assignment(
         8, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",
-        task="return Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′ (seed §3.2.2, λ = scale) using attention(); "
+        task="return Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′ (paper §3.2.2, with §3.2.3's inference weight λ = scale) using attention(); "
              "λ = 0 must return the text attention alone, exactly.",
         teaches="the IP-Adapter's one idea: a second attention over image tokens that shares the query",
         hints=("Call `attention(q, k, v)` for the text branch and `attention(q, k_ip, v_ip)` for the image branch.",

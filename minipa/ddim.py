@@ -1,4 +1,4 @@
-"""DDIM (Song et al. 2021): the fast sampler SD 1.5 uses by default (seed §3.1, "fast samplers").
+"""DDIM (Song et al. 2021): the fast sampler SD 1.5 uses by default (paper §3.1, "fast samplers").
 
 From x_t, the model's ε gives an estimate of x0; DDIM then jumps straight to an earlier timestep
 t_prev on the same noise "direction", adding fresh noise only in proportion to η (η=0:

@@ -1,6 +1,6 @@
-"""The forward (noising) process of seed eq. 1, its training loss, and the ancestral DDPM sampler.
+"""The forward (noising) process of paper eq. 1, its training loss, and the ancestral DDPM sampler.
 
-Notation. The seed (IP-Adapter §3.1) writes x_t = √α_t·x0 + √(1−α_t)·ε; its α_t is the
+Notation. The paper (IP-Adapter §3.1) writes x_t = √α_t·x0 + √(1−α_t)·ε; its α_t is the
 *cumulative* product that DDPM papers and diffusers call ᾱ_t (`alphas_cumprod`):
     β_t          the noise added at step t                (`betas`)
     α_t = 1 − β_t                                        (`alphas`)
@@ -97,7 +97,7 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cum
     # BEGIN ASSIGNMENT 1
     abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
     abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, 1, 1) broadcasts over C, H, W
-    # x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε   (seed eq. 1; the seed's α_t is this ᾱ_t)
+    # x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε   (paper eq. 1; the paper's α_t is this ᾱ_t)
     return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
     # END ASSIGNMENT 1
 
@@ -110,7 +110,7 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cump
 
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L = E_{x0,c,t,ε} ‖ε − ε_θ(x_t, c, t)‖²   (seed eq. 1): the mean over batch and pixels.
+    """L = E_{x0,c,t,ε} ‖ε − ε_θ(x_t, c, t)‖²   (paper eq. 1): the mean over batch and pixels.
 
     `target` is the ε that `add_noise` used (or v, for v-prediction models).
     """
@@ -190,7 +190,7 @@ class NoiseSchedule:
         beta_t = 1 - abar_t
         if self.config.prediction_type == "epsilon":
             eps = model_output
-            x0 = (x_t - beta_t**0.5 * eps) / abar_t**0.5  # invert seed eq. 1 for x0
+            x0 = (x_t - beta_t**0.5 * eps) / abar_t**0.5  # invert paper eq. 1 for x0
         else:  # "v_prediction"
             x0 = abar_t**0.5 * x_t - beta_t**0.5 * model_output
             eps = abar_t**0.5 * model_output + beta_t**0.5 * x_t

@@ -1,4 +1,4 @@
-"""Timestep embedding: how the UNet is told which noise level t it is looking at (seed §3.1, ε_θ(x_t, c, t)).
+"""Timestep embedding: how the UNet is told which noise level t it is looking at (paper §3.1, ε_θ(x_t, c, t)).
 
 Two steps, as in the Transformer paper and DDPM:
 1. a fixed sinusoidal code of t (no parameters), one frequency per pair of channels;

@@ -112,7 +112,7 @@ def classifier_accuracy(classifier: ShapeClassifier, images: torch.Tensor, label
 @torch.no_grad()
 def sample(pipe, context: torch.Tensor, uncond_context: torch.Tensor, *, image_tokens=None, uncond_image_tokens=None,
            concat: bool = False, guidance: float = 5.0, steps: int = 25, seed: int = 0) -> torch.Tensor:
-    """DDIM + CFG (seed eq. 2) with a different condition per row → (B, 64, 64, 3) uint8.
+    """DDIM + CFG (paper eq. 2) with a different condition per row → (B, 64, 64, 3) uint8.
 
     context/uncond_context: (B, 77, D) text tokens; image_tokens/uncond_image_tokens: (B, N, D) or None.
     concat=True appends the image tokens to the text tokens (the ablation) instead of the image branch.

@@ -1,10 +1,10 @@
-"""Classifier-free guidance (seed eq. 2).
+"""Classifier-free guidance (paper eq. 2).
 
 One model is trained both with and without its condition (the condition is dropped at random),
 so at sampling time it can predict the noise both ways, ε_c = ε_θ(x_t, c, t) and ε_u = ε_θ(x_t, t).
 Guidance extrapolates from the unconditional towards the conditional prediction:
 
-    ε̂ = w·ε_c + (1 − w)·ε_u        (seed eq. 2)
+    ε̂ = w·ε_c + (1 − w)·ε_u        (paper eq. 2)
       = ε_u + w·(ε_c − ε_u)         (the same, written as a step from ε_u; what we compute)
 
 w = 1 is the conditional model alone, w = 0 the unconditional one, and w > 1 (SD's default 7.5)
@@ -19,7 +19,7 @@ import torch
 
 
 def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
-    """ε̂ = ε_u + w·(ε_c − ε_u)  (seed eq. 2). w = 1 returns ε_c itself, exactly."""
+    """ε̂ = ε_u + w·(ε_c − ε_u)  (paper eq. 2). w = 1 returns ε_c itself, exactly."""
     check_guidance_scale(w)
     # BEGIN ASSIGNMENT 4
     if w == 1:

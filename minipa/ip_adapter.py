@@ -1,9 +1,9 @@
-"""IP-Adapter (seed §3.2): image prompts through decoupled cross-attention.
+"""IP-Adapter (paper §3.2): image prompts through decoupled cross-attention.
 
 Two small pieces are added to a frozen SD UNet:
-1. `ImageProjection` (seed §3.2.1): the CLIP image encoder's global embedding → a Linear layer →
+1. `ImageProjection` (paper §3.2.1): the CLIP image encoder's global embedding → a Linear layer →
    N = 4 tokens of the text-token width → LayerNorm. These are the "image tokens" c_i.
-2. `DecoupledCrossAttention` (seed §3.2.2): every cross-attention layer of the UNet keeps its
+2. `DecoupledCrossAttention` (paper §3.2.2): every cross-attention layer of the UNet keeps its
    text branch and gains an image branch with its own key/value weights Wk′, Wv′ (`to_k_ip`,
    `to_v_ip`); the query Q = Z·Wq is shared. The two attention outputs are added:
        Z_new = Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′,   K′ = c_i·Wk′, V′ = c_i·Wv′
@@ -33,7 +33,7 @@ from minipa.weights import Checkpoint, WeightsError, build_and_load
 
 
 class ImageProjection(nn.Module):
-    """image embedding (B, E) → N image tokens (B, N, D)   (seed §3.2.1: Linear + LayerNorm)."""
+    """image embedding (B, E) → N image tokens (B, N, D)   (paper §3.2.1: Linear + LayerNorm)."""
 
     def __init__(self, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4):
         super().__init__()
@@ -136,7 +136,7 @@ class Resampler(nn.Module):
 
 
 class ImageKeyValue(nn.Module):
-    """The only new weights in a cross-attention layer: Wk′ and Wv′ (seed §3.2.2), no biases."""
+    """The only new weights in a cross-attention layer: Wk′ and Wv′ (paper §3.2.2), no biases."""
 
     def __init__(self, cross_attention_dim: int, inner_dim: int):
         super().__init__()
@@ -145,7 +145,7 @@ class ImageKeyValue(nn.Module):
 
 
 def decoupled_attention(q, k, v, k_ip, v_ip, scale: float) -> torch.Tensor:
-    """Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′   (seed §3.2.2). All (B, heads, L, d); λ = 0 is plain attention."""
+    """Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′   (paper §3.2.2). All (B, heads, L, d); λ = 0 is plain attention."""
     # BEGIN ASSIGNMENT 8
     text = attention(q, k, v)
     if scale == 0:

@@ -2,7 +2,7 @@
 
     text ──tokenizer──▶ CLIP text ──▶ c_t (B, 77, 768) ──────────────┐
     image ─preprocess─▶ CLIP vision ─▶ image_proj ─▶ c_i (B, 4, 768) ─┤ decoupled cross-attention
-    noise x_T ──▶ [UNet ε_θ(x_t, c_t, c_i, t) → CFG (seed eq. 2) → DDIM step] × steps ──▶ x_0
+    noise x_T ──▶ [UNet ε_θ(x_t, c_t, c_i, t) → CFG (paper eq. 2) → DDIM step] × steps ──▶ x_0
     x_0 / 0.18215 ──VAE decoder──▶ pixels
 
 `load_pipeline` builds one from files users have; `Pipeline.__call__` generates.
@@ -118,7 +118,7 @@ class Pipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         self._check_arguments(prompts, negatives, ip_image, height, width, latents, output)
         w = check_guidance_scale(guidance_scale)
-        use_cfg = w != 1  # at w = 1, seed eq. 2 is the conditional prediction alone: skip the other pass
+        use_cfg = w != 1  # at w = 1, paper eq. 2 is the conditional prediction alone: skip the other pass
         sampler = make_scheduler(scheduler, self.scheduler.config)
         sampler.set_timesteps(num_steps)
         generator = torch.Generator("cpu")  # on the CPU, so a seed gives the same noise on every device
@@ -140,7 +140,7 @@ class Pipeline:
             eps = self.unet(model_input, t, context, image_tokens=image_tokens)
             if use_cfg:
                 eps_uncond, eps_cond = eps.chunk(2)
-                eps = cfg(eps_uncond, eps_cond, w)  # ε̂ = ε_u + w·(ε_c − ε_u)   (seed eq. 2)
+                eps = cfg(eps_uncond, eps_cond, w)  # ε̂ = ε_u + w·(ε_c − ε_u)   (paper eq. 2)
             x = sampler.step(eps, t, x, generator=generator, **step_options).prev_sample
             if not torch.isfinite(x).all():
                 raise FloatingPointError(

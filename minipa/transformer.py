@@ -2,8 +2,8 @@
 
 Transformer2DModel flattens a feature map into a sequence of H·W tokens and runs
 BasicTransformerBlocks on it: self-attention among pixels, cross-attention from pixels to the
-text tokens (seed §3.1: "the UNet attends to the CLIP text features"), then a GEGLU feed-forward.
-IP-Adapter (seed §3.2.2) later replaces each block's `attn2` by a decoupled cross-attention.
+text tokens (paper §3.1: "the UNet attends to the CLIP text features"), then a GEGLU feed-forward.
+IP-Adapter (paper §3.2.2) later replaces each block's `attn2` by a decoupled cross-attention.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The SD 1.5 UNet: ε_θ(x_t, c, t), the noise predictor of seed eq. 1, conditioned on text c by cross-attention.
+"""The SD 1.5 UNet: ε_θ(x_t, c, t), the noise predictor of paper eq. 1, conditioned on text c by cross-attention.
 
 Reading order: `UNetConfig` → the three block kinds (down, mid, up) → `UNet2DConditionModel` → `load_unet`.
 
@@ -215,7 +215,7 @@ class UpBlock(nn.Module):
 
 
 class UNet2DConditionModel(nn.Module):
-    """ε_θ(x_t, c, t): predicts the noise in latent x_t at timestep t, given text tokens c (seed eq. 1)."""
+    """ε_θ(x_t, c, t): predicts the noise in latent x_t at timestep t, given text tokens c (paper eq. 1)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()

@@ -1,6 +1,6 @@
 """SD's autoencoder (`AutoencoderKL`): 512×512×3 pixels ↔ a 64×64×4 latent, where the diffusion happens.
 
-encode: x → Encoder → quant_conv → (mean, logvar) of a diagonal Gaussian q(z|x)   (seed §3.1: LDM)
+encode: x → Encoder → quant_conv → (mean, logvar) of a diagonal Gaussian q(z|x)   (paper §3.1: LDM)
 decode: z → post_quant_conv → Decoder → x
 The Encoder halves the resolution at each level but the last (3 times in SD: ×1/8); the Decoder
 mirrors it. Each level is a few ResNet blocks; the lowest resolution also has one self-attention.

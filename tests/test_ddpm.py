@@ -1,4 +1,4 @@
-"""The noise schedule, seed eq. 1 (add_noise, loss) and the DDPM sampler, against diffusers."""
+"""The noise schedule, paper eq. 1 (add_noise, loss) and the DDPM sampler, against diffusers."""
 
 import json
 

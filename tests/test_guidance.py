@@ -1,4 +1,4 @@
-"""Classifier-free guidance, seed eq. 2."""
+"""Classifier-free guidance, paper eq. 2."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""IP-Adapter pieces (seed §3.2): image projection, decoupled cross-attention, the official layer
+"""IP-Adapter pieces (paper §3.2): image projection, decoupled cross-attention, the official layer
 numbering and checkpoint formats — each against diffusers."""
 
 import pytest

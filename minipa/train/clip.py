@@ -24,7 +24,7 @@ Captions are encoded only up to the longest one's <|endoftext|>: the text tower 
 states there do not depend on the padding after it (the same numbers, a fraction of the work).
 
 What the image embedding learns is what the captions say (shape, colour, background, size), and
-nothing else: this is the global embedding IP-Adapter reads (seed §3.2.1).
+nothing else: this is the global embedding IP-Adapter reads (paper §3.2.1).
 """
 
 from __future__ import annotations

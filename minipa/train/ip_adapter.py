@@ -1,9 +1,9 @@
-"""Stage 4: the IP-Adapter, with the paper's recipe (seed §3.2): everything but the adapter frozen.
+"""Stage 4: the IP-Adapter, with the paper's recipe (paper §3.2): everything but the adapter frozen.
 
 Trainable: image_proj (Linear + LayerNorm → N tokens; an MLP instead with `WorldConfig.ip_mlp`) and
 Wk′, Wv′ of every cross-attention layer, initialised from Wk, Wv (`IPAdapter.init_from_text_attention`).
 AdamW with weight decay 0.01.
-The loss is seed eq. 1 again, now with both conditions: ‖ε − ε_θ(x_t, c_t, c_i, t)‖².
+The loss is paper eq. 1 again, now with both conditions: ‖ε − ε_θ(x_t, c_t, c_i, t)‖².
 
 Conditions are dropped at random, so that both guidance branches exist at inference:
 the image (zero embedding → image_proj(0)), the text (the empty caption), or both.

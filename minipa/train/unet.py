@@ -1,13 +1,13 @@
-"""Stage 3: the tiny UNet, trained with the ε-loss of seed eq. 1 on frozen VAE latents and frozen
+"""Stage 3: the tiny UNet, trained with the ε-loss of paper eq. 1 on frozen VAE latents and frozen
 tiny-CLIP text features.
 
     z  = s·(μ + σ·ε_z)                         a fresh sample of q(z|x), scaled (s = vae scaling_factor)
     t  ~ U{0, …, T−1},  ε ~ N(0, I)
-    x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε                   (seed eq. 1, `add_noise`)
-    L  = ‖ε − ε_θ(x_t, c, t)‖²                  (seed eq. 1, `diffusion_loss`)
+    x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε                   (paper eq. 1, `add_noise`)
+    L  = ‖ε − ε_θ(x_t, c, t)‖²                  (paper eq. 1, `diffusion_loss`)
 
 c is the caption's text tokens, replaced by the empty caption's 10% of the time, so that the same
-network also predicts ε_θ(x_t, t) for classifier-free guidance (seed eq. 2), and by a partial caption
+network also predicts ε_θ(x_t, t) for classifier-free guidance (paper eq. 2), and by a partial caption
 (the shape alone, or the background alone; `partial_captions`) another 10%, so that a prompt may leave
 part of the image to an image prompt.
 The VAE and the text encoder are frozen: their outputs are computed once, before training
@@ -82,8 +82,8 @@ class UNetTraining(TrainingModule):
     def noisy_latents(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         d = self.data
         z = d.scaling_factor * (d.latent_mean[b["index"]] + d.latent_std[b["index"]] * b["latent_noise"])  # (B, 4, 8, 8)
-        return add_noise(z, b["noise"], b["t"], self.alphas_cumprod)  # x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε   (seed eq. 1)
+        return add_noise(z, b["noise"], b["t"], self.alphas_cumprod)  # x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε   (paper eq. 1)
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         eps = self.unet(self.noisy_latents(b), b["t"], self.data.text[b["caption"]])
-        return diffusion_loss(eps, b["noise"])  # ‖ε − ε_θ(x_t, c, t)‖²   (seed eq. 1)
+        return diffusion_loss(eps, b["noise"])  # ‖ε − ε_θ(x_t, c, t)‖²   (paper eq. 1)

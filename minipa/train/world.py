@@ -371,7 +371,7 @@ class World:
         # Plus: the Resampler's defaults (hidden width = D, 4 blocks, heads of 64)
         tokens, resampler = (cfg.ip_plus_tokens, {}) if plus else (cfg.ip_tokens, None)
         adapter = IPAdapter.for_unet(unet, data.image_embeds.shape[-1], tokens, resampler=resampler, mlp=None if plus else cfg.ip_mlp)
-        adapter.init_from_text_attention(unet)  # Wk′ ← Wk, Wv′ ← Wv   (seed §3.2.2)
+        adapter.init_from_text_attention(unet)  # Wk′ ← Wk, Wv′ ← Wv   (paper §3.2.2)
         return IPAdapterTraining(unet, adapter, data, text_drop=cfg.text_drop, variant=variant)
 
     def stage_ip(self) -> dict:
@@ -420,7 +420,7 @@ class World:
 @torch.no_grad()
 def image_embeddings(image_encoder: CLIPVisionModelWithProjection, images: torch.Tensor, batch: int = 256,
                      patches: bool = False) -> torch.Tensor:
-    """(N, 64, 64, 3) uint8 → (N, E) global image embeddings (seed §3.2.1), unnormalised as IP-Adapter reads
+    """(N, 64, 64, 3) uint8 → (N, E) global image embeddings (paper §3.2.1), unnormalised as IP-Adapter reads
     them; patches=True: (N, L, hidden) penultimate hidden states, as IP-Adapter Plus reads them."""
     return torch.cat([image_features(image_encoder, clip_pixels(images[i : i + batch]), patches) for i in range(0, len(images), batch)])
 
