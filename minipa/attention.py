@@ -10,9 +10,9 @@ Two ways to compute the same thing:
 switches every attention in minipa; `attention(..., explicit=True)` switches one call.
 A test proves the two paths agree.
 
-`Attention` is the module used by the UNet (self- and cross-attention), the VAE (one head over the
-channels) and CLIP. Its parts are public (`to_q`, `split_heads`, `attention`, `merge_heads`, `to_out`)
-because the IP-Adapter's decoupled cross-attention reuses them with a second key/value pair.
+`Attention` is the module used by the UNet (self- and cross-attention) and the VAE (one head over the
+channels). Its steps are plain functions (`split_heads`, `attention`, `merge_heads`) because CLIP, the
+Resampler and the IP-Adapter's decoupled cross-attention (a second key/value pair) reuse them.
 """
 
 from __future__ import annotations
@@ -82,6 +82,16 @@ def attention(
     # END ASSIGNMENT 5
 
 
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads·d) → (B, heads, L, d)"""
+    return rearrange(t, "b l (heads d) -> b heads l d", heads=heads)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, L, d) → (B, L, heads·d)"""
+    return rearrange(t, "b heads l d -> b l (heads d)")
+
+
 class Attention(nn.Module):
     """Multi-head attention with learned projections; self-attention when `context` is None.
 
@@ -113,19 +123,11 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
 
-    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, L, heads·d) → (B, heads, L, d)"""
-        return rearrange(t, "b l (heads d) -> b heads l d", heads=self.heads)
-
-    def merge_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, heads, L, d) → (B, L, heads·d)"""
-        return rearrange(t, "b heads l d -> b l (heads d)")
-
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, Lq, query_dim); context: (B, Lk, context_dim) or None → (B, Lq, query_dim)."""
         context = x if context is None else context
-        q = self.split_heads(self.to_q(x))  # Q = x·Wq        (B, heads, Lq, d)
-        k = self.split_heads(self.to_k(context))  # K = c·Wk  (B, heads, Lk, d)
-        v = self.split_heads(self.to_v(context))  # V = c·Wv  (B, heads, Lk, d)
+        q = split_heads(self.to_q(x), self.heads)  # Q = x·Wq        (B, heads, Lq, d)
+        k = split_heads(self.to_k(context), self.heads)  # K = c·Wk  (B, heads, Lk, d)
+        v = split_heads(self.to_v(context), self.heads)  # V = c·Wv  (B, heads, Lk, d)
         out = attention(q, k, v, mask=mask)  # (B, heads, Lq, d)
-        return self.to_out[0](self.merge_heads(out))  # (B, Lq, query_dim)
+        return self.to_out[0](merge_heads(out))  # (B, Lq, query_dim)

@@ -17,34 +17,17 @@ Parameter names are transformers' own, so a transformers checkpoint loads by ide
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import keymap
-from .attention import attention
-from .config import ConfigError, config_from_dict, read_json
-from .weights import Checkpoint, WeightsError, build_and_load
+from .attention import attention, merge_heads, split_heads
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP's cheap GELU approximation
     "gelu": F.gelu,  # exact: x·Φ(x) (OpenCLIP ViT-H)
-}
-# Keys of a transformers CLIP config.json that do not change inference, accepted and not used:
-IGNORED_CONFIG_KEYS = {
-    "architectures": "bookkeeping",
-    "transformers_version": "bookkeeping",
-    "torch_dtype": "the dtype comes from the weights file or the `dtype=` argument",
-    "dtype": "the dtype comes from the weights file or the `dtype=` argument",
-    "initializer_range": "random initialisation, for training from scratch",
-    "initializer_factor": "random initialisation, for training from scratch",
-    "dropout": "training only",
-    "attention_dropout": "training only",
-    "bos_token_id": "a tokenizer fact",
-    "pad_token_id": "a tokenizer fact",
 }
 
 
@@ -130,9 +113,9 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, L, D) → (B, L, D); mask: bool (L, L), True = may attend."""
-        q, k, v = (p(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, heads, L, d) each
         out = attention(q, k, v, mask=mask)  # Softmax(QKᵀ/√d)V: (B, heads, L, d)
-        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, L, D)
+        return self.out_proj(merge_heads(out))  # (B, L, D)
 
 
 class CLIPMLP(nn.Module):
@@ -274,60 +257,3 @@ class CLIPVisionModelWithProjection(nn.Module):
         states = vm.encoder(h)
         pooled = vm.post_layernorm(states[-1][:, 0])  # the class token, (B, D)
         return CLIPVisionOutput(self.visual_projection(pooled), states[-1], tuple(states))
-
-
-# ─── Loading ─────────────────────────────────────────────────────────────────────────────────────
-
-WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
-
-
-def read_clip_config(path: str | Path, cls: type, model_type: str):
-    """A transformers CLIP config.json → `cls`, ignoring the keys listed in IGNORED_CONFIG_KEYS."""
-    data = read_json(path, f"{cls.__name__} config")
-    found = data.get("model_type", model_type)
-    if found != model_type:
-        raise ConfigError(f"{path}: model_type is {found!r}, expected {model_type!r} (is this the right folder?)")
-    data = {k: v for k, v in data.items() if k not in IGNORED_CONFIG_KEYS and k != "model_type"}
-    return config_from_dict(cls, data, family=cls.__name__, source=path)
-
-
-def _component_files(path: Path, subfolder: str, what: str) -> tuple[Path, Path]:
-    """(config.json, weights file) of a transformers folder; `path` may also be the model folder above it."""
-    if path.is_dir() and not (path / "config.json").exists() and (path / subfolder).is_dir():
-        path = path / subfolder
-    if not path.is_dir():
-        raise WeightsError(f"{path}: expected a {what} folder (config.json + model.safetensors)")
-    weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
-    if weights is None:
-        sharded = " (sharded checkpoints are not supported)" if list(path.glob("*.index.json")) else ""
-        raise WeightsError(f"{path}: no weights file found{sharded}; expected one of {', '.join(WEIGHT_FILES)}")
-    return path / "config.json", weights
-
-
-def load_text_encoder(path, *, dtype=None, device="cpu", config: CLIPTextConfig | None = None) -> CLIPTextModel:
-    """SD's text encoder from a transformers `text_encoder/` folder or an LDM single-file checkpoint
-    (`cond_stage_model.transformer.*`; its config is SD 1.5's unless `config=` is given)."""
-    path = Path(path)
-    if path.is_file():
-        config = config or CLIPTextConfig.sd15()
-        checkpoint = Checkpoint(path)
-    else:
-        config_file, weights = _component_files(path, "text_encoder", "text encoder")
-        config = config or read_clip_config(config_file, CLIPTextConfig, "clip_text_model")
-        checkpoint = Checkpoint(weights)
-    names, unmatched = keymap.clip_text_names(checkpoint.keys())
-    family = f"CLIP text encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers)"
-    return build_and_load(lambda: CLIPTextModel(config), checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
-                          device=device, describe=keymap.describe_checkpoint)
-
-
-def load_image_encoder(path, *, dtype=None, device="cpu", config: CLIPVisionConfig | None = None) -> CLIPVisionModelWithProjection:
-    """IP-Adapter's image encoder from a transformers `CLIPVisionModelWithProjection` folder."""
-    config_file, weights = _component_files(Path(path), "image_encoder", "CLIP image encoder")
-    config = config or read_clip_config(config_file, CLIPVisionConfig, "clip_vision_model")
-    checkpoint = Checkpoint(weights)
-    names, unmatched = keymap.clip_vision_names(checkpoint.keys())
-    family = (f"CLIP vision encoder (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-              f"projection {config.projection_dim})")
-    return build_and_load(lambda: CLIPVisionModelWithProjection(config), checkpoint, names, family=family, unmatched=unmatched,
-                          dtype=dtype, device=device, describe=keymap.describe_checkpoint)

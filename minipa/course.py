@@ -101,7 +101,7 @@ ASSIGNMENTS = (
         points=15, prerequisites=(1,), minutes=45,
     ),
     Assignment(
-        4, "Classifier-free guidance", "minipa/guidance.py", "cfg",
+        4, "Classifier-free guidance", "minipa/guidance.py", "classifier_free_guidance",
         task="return ε̂ = ε_u + w·(ε_c − ε_u), which is paper eq. 2 ε̂ = w·ε_c + (1−w)·ε_u; for w = 1 return eps_cond itself.",
         teaches="how one model trained with and without its prompt is pushed towards the prompt at sampling time",
         hints=("Both forms are equal; the step form (ε_u + w·Δ) is what diffusers computes, so it matches to the last bit.",

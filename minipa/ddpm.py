@@ -10,14 +10,11 @@ Everything here is plain torch: no model is imported.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-
-from minipa.config import ConfigError, config_from_dict, read_json
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -55,32 +52,6 @@ class ScheduleConfig:
     @classmethod
     def sd15(cls) -> "ScheduleConfig":
         return cls()
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str | Path = "<dict>") -> "ScheduleConfig":
-        """Read a diffusers `scheduler_config.json` (any of DDIM/DDPM/PNDM/…: they share the schedule)."""
-        return config_from_dict(
-            cls,
-            data,
-            family="a DDPM-family noise schedule",
-            source=source,
-            # features minipa does not implement, accepted only when switched off
-            fixed={
-                "trained_betas": (None,),
-                "thresholding": (False,),
-                "rescale_betas_zero_snr": (False,),
-                "variance_type": ("fixed_small",),
-            },
-            # settings of features that are off, or of samplers whose schedule is the same
-            ignored=("dynamic_thresholding_ratio", "sample_max_value", "skip_prk_steps"),
-        )
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ScheduleConfig":
-        return cls.from_dict(read_json(path, "scheduler config"), source=path)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def make_betas(config: ScheduleConfig) -> torch.Tensor:
@@ -141,10 +112,6 @@ class NoiseSchedule:
         self.timesteps: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
 
-    @classmethod
-    def from_json(cls, path: str | Path):
-        return cls(ScheduleConfig.from_json(path))
-
     def set_timesteps(self, num_steps: int, device: str | torch.device | None = None) -> torch.Tensor:
         """Pick `num_steps` of the T training timesteps, from noisiest to cleanest."""
         self._check_num_steps(num_steps)
@@ -187,16 +154,18 @@ class NoiseSchedule:
 
     def _x0_and_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor):
         """The model's output read as (predicted x0, predicted ε), by prediction type."""
-        beta_t = 1 - abar_t
-        if self.config.prediction_type == "epsilon":
-            eps = model_output
-            x0 = (x_t - beta_t**0.5 * eps) / abar_t**0.5  # invert paper eq. 1 for x0
-        else:  # "v_prediction"
-            x0 = abar_t**0.5 * x_t - beta_t**0.5 * model_output
-            eps = abar_t**0.5 * model_output + beta_t**0.5 * x_t
+        x0, eps = x0_and_eps(model_output, x_t, abar_t**0.5, (1 - abar_t) ** 0.5, self.config.prediction_type)
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0, eps
+
+
+def x0_and_eps(model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
+    """(x̂0, ε̂) from the model's output at x_t = α·x0 + σ·ε, with α = √ᾱ_t and σ = √(1−ᾱ_t)."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / alpha, model_output  # paper eq. 1 solved for x0
+    # "v_prediction": v = α·ε − σ·x0, so x0 = α·x_t − σ·v and ε = α·v + σ·x_t (using α² + σ² = 1)
+    return alpha * x_t - sigma * model_output, alpha * model_output + sigma * x_t
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -214,7 +183,7 @@ class DDPMScheduler(NoiseSchedule):
         abar_t = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)  # ᾱ before step 0 is 1
         alpha_t = abar_t / abar_prev  # the α of this (possibly skipped-over) stretch of steps
-        beta_t = 1 - alpha_t
+        beta_t = 1 - alpha_t  # and its β
 
         x0, _ = self._x0_and_eps(model_output, x_t, abar_t)
         # posterior mean  μ̃ = √ᾱ_prev·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_prev)/(1−ᾱ_t)·x_t   (DDPM eq. 7)

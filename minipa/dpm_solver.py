@@ -1,11 +1,11 @@
 """DPM-Solver++(2M) (Lu et al. 2022): the multistep sampler most SD front ends default to.
 
-Sampling solves an ODE from noise to image. Written in λ = log(α_t/σ_t) (half the log signal-to-noise
-ratio; α_t = √ᾱ_t, σ_t = √(1−ᾱ_t)) and in terms of the model's estimate of x0, the ODE's linear part
-integrates exactly; only x0's change along a step must be approximated. One step from t to t′, h = λ′ − λ:
+Sampling solves an ODE from noise to image. Written in ℓ = log(α_t/σ_t) (half the log signal-to-noise
+ratio, Lu et al.'s λ; α_t = √ᾱ_t, σ_t = √(1−ᾱ_t)) and in terms of the model's estimate of x0, the ODE's linear part
+integrates exactly; only x0's change along a step must be approximated. One step from t to t′, h = ℓ′ − ℓ:
 
     first order:   x′ = (σ′/σ)·x − α′·(e^(−h) − 1)·x0                 (DDIM's step, in this form)
-    second order:  x′ = (σ′/σ)·x − α′·(e^(−h) − 1)·(x0 + ½·D),  D = (x0 − x0_prev)/r,  r = (λ − λ_prev)/h
+    second order:  x′ = (σ′/σ)·x − α′·(e^(−h) − 1)·(x0 + ½·D),  D = (x0 − x0_prev)/r,  r = (ℓ − ℓ_prev)/h
 
 "2M" is second order using the previous step's x0 (multistep): still one model call per step, so the
 same budget as DDIM buys a more accurate path (the paper reports good guided samples in 15–20 steps).
@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minipa.ddpm import NoiseSchedule, StepOutput, trailing_timesteps
+from minipa.ddpm import NoiseSchedule, StepOutput, trailing_timesteps, x0_and_eps
 
 
 class DPMSolverMultistepScheduler(NoiseSchedule):
@@ -44,7 +44,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         self.sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))  # … down to 0: the clean image
         self.num_inference_steps = num_steps
         self._index = None  # which step comes next
-        self._previous = None  # (x0, λ) of the step before
+        self._previous = None  # (x0, ℓ) of the step before
         return self.timesteps
 
     @staticmethod
@@ -69,21 +69,18 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         alpha, sigma = self._alpha_sigma(self.sigmas[i])
         alpha_next, sigma_next = self._alpha_sigma(self.sigmas[i + 1])
         x = x_t.float()
-        if self.config.prediction_type == "epsilon":
-            x0 = (x - sigma * model_output) / alpha
-        else:  # "v_prediction"
-            x0 = alpha * x - sigma * model_output
-        lam, lam_next = torch.log(alpha) - torch.log(sigma), torch.log(alpha_next) - torch.log(sigma_next)
-        h = lam_next - lam
+        x0, _ = x0_and_eps(model_output, x, alpha, sigma, self.config.prediction_type)
+        log_snr, log_snr_next = torch.log(alpha) - torch.log(sigma), torch.log(alpha_next) - torch.log(sigma_next)  # ℓ, ℓ′
+        h = log_snr_next - log_snr
         phi = alpha_next * (torch.exp(-h) - 1.0)
         last = i == len(self.timesteps) - 1
         if self._previous is None or last:
             x_next = (sigma_next / sigma) * x - phi * x0  # first order
         else:
-            x0_prev, lam_prev = self._previous
-            r = (lam - lam_prev) / h
+            x0_prev, log_snr_prev = self._previous
+            r = (log_snr - log_snr_prev) / h
             D = (1.0 / r) * (x0 - x0_prev)  # x0's change over the step, from the last two estimates
             x_next = (sigma_next / sigma) * x - phi * x0 - 0.5 * phi * D
-        self._previous = (x0, lam)
+        self._previous = (x0, log_snr)
         self._index = i + 1
         return StepOutput(x_next.to(model_output.dtype), x0.to(model_output.dtype))

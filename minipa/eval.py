@@ -24,12 +24,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipa.data.shapes import (
-    BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, ShapesDataset, clip_pixels, scene_labels, to_model_pixels,
+    BACKGROUNDS,
+    COLOURS,
+    PATTERNS,
+    SHAPES,
+    SIZES,
+    ShapesDataset,
+    clip_pixels,
+    scene_labels,
+    to_model_pixels,
 )
 from minipa.ddim import DDIMScheduler
-from minipa.guidance import cfg
-from minipa.ip_adapter import IPAdapter, attach_ip_adapter, set_ip_scale
-from minipa.pipeline import image_features, uncond_image_features
+from minipa.guidance import classifier_free_guidance
+from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
+from minipa.ip_scale import set_ip_scale
 from minipa.train.trainer import TrainingModule
 
 HEADS = {"shape": len(SHAPES), "colour": len(COLOURS), "background": len(BACKGROUNDS), "size": len(SIZES),
@@ -129,7 +137,7 @@ def sample(pipe, context: torch.Tensor, uncond_context: torch.Tensor, *, image_t
         both_context, tokens = torch.cat([both_context, tokens], dim=1), None
     for t in scheduler.timesteps:
         eps_uncond, eps_cond = pipe.unet(torch.cat([x, x]), t, both_context, image_tokens=tokens).chunk(2)
-        x = scheduler.step(cfg(eps_uncond, eps_cond, guidance), t, x).prev_sample  # ε̂ = ε_u + w·(ε_c − ε_u)
+        x = scheduler.step(classifier_free_guidance(eps_uncond, eps_cond, guidance), t, x).prev_sample  # ε̂ = ε_u + w·(ε_c − ε_u)
     pixels = pipe.vae.decode(x / pipe.vae.config.scaling_factor)
     return ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 

@@ -18,7 +18,7 @@ import math
 import torch
 
 
-def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
     """ε̂ = ε_u + w·(ε_c − ε_u)  (paper eq. 2). w = 1 returns ε_c itself, exactly."""
     check_guidance_scale(w)
     # BEGIN ASSIGNMENT 4

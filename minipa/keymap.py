@@ -8,6 +8,11 @@ test proves each table covers every key of the full-size models.
 from __future__ import annotations
 
 
+def identity(file_keys) -> tuple[dict[str, str], list[str]]:
+    """diffusers and transformers files: every file key is minipa's parameter name."""
+    return {key: key for key in file_keys}, []
+
+
 # ─── UNet: original LDM single-file checkpoint ↔ diffusers / minipa ─────────────────────────────
 #
 # LDM numbers the encoder as one flat list `input_blocks.{i}` and the decoder as `output_blocks.{i}`;
@@ -101,6 +106,14 @@ def ldm_unet_names(
         else:
             names[name] = file_key
     return names, unmatched
+
+
+def unet_names(file_keys, layers_per_block: int = 2) -> tuple[dict[str, str], list[str]]:
+    """A UNet single file: LDM names (`model.diffusion_model.*`) through the rules above, diffusers names as they are."""
+    file_keys = list(file_keys)
+    if any(k.startswith(LDM_UNET_PREFIX) for k in file_keys):
+        return ldm_unet_names(file_keys, layers_per_block)
+    return identity(file_keys)
 
 
 def ldm_unet_keys(names, layers_per_block: int = 2, prefix: str = LDM_UNET_PREFIX) -> dict[str, str]:
@@ -313,3 +326,65 @@ def ldm_vae_keys(names, levels: int = 4, prefix: str = LDM_VAE_PREFIX) -> dict[s
     """The inverse rule, minipa/diffusers VAE names → LDM file keys (used to write LDM files)."""
     back = [(new, old) for old, new in _LDM_VAE_RENAMES]
     return {name: prefix + _rename_pieces(_renumber_levels(name, levels, to_diffusers=False), back) for name in names}
+
+
+# ─── IP-Adapter files ─────────────────────────────────────────────────────────────────────────────
+# The official files name the image branch of cross-attention layer i `ip_adapter.{i}.*`; minipa's
+# IPAdapter keeps those pairs in `layers`. `image_proj.*` is the same in both.
+
+def ip_adapter_names(file_keys) -> tuple[dict[str, str], list[str]]:
+    """(names: minipa IPAdapter parameter → official file key, unmatched file keys): `ip_adapter.{i}.…` ↔ `layers.{i}.…`."""
+    names = {_swap_prefix(k, {"ip_adapter": "layers", "image_proj": "image_proj"}): k for k in file_keys}
+    return {name: k for name, k in names.items() if name is not None}, [k for name, k in names.items() if name is None]
+
+
+def ip_adapter_file_keys(names) -> dict[str, str]:
+    """The inverse rule, for writing official files: minipa name → file key."""
+    return {name: _swap_prefix(name, {"layers": "ip_adapter", "image_proj": "image_proj"}) for name in names}
+
+
+IP_ADAPTER_FAMILY = ("an IP-Adapter for SD 1.x (base: image_proj = Linear + LayerNorm, or FaceID's MLP + LayerNorm; "
+                     "Plus: a Resampler; to_k_ip/to_v_ip per cross-attention layer)")
+
+
+def describe_ip_adapter(shapes: dict[str, tuple]) -> str:
+    """A guess at which IP-Adapter variant a file holds, from its key names and shapes."""
+    keys = list(shapes)
+    if any("perceiver" in k for k in keys):
+        return "an IP-Adapter FaceID Plus (an MLP and a Resampler over face embeddings), which minipa does not support"
+    if "image_proj.proj.3.weight" in shapes:
+        return "an IP-Adapter Full (an MLP over every patch feature), which minipa does not support"
+    if any("_lora." in k for k in keys):
+        return "an IP-Adapter FaceID with LoRA weights for the UNet's attention, which minipa does not support"
+    widths = {shape[1] for k, shape in shapes.items() if k.endswith("to_k_ip.weight")}
+    if widths == {2048}:
+        return "an IP-Adapter for SDXL (2048-wide text tokens)"
+    if not any(k.startswith(("image_proj.", "ip_adapter.")) for k in keys):
+        return "not an IP-Adapter (no image_proj./ip_adapter. keys)"
+    variant = ("an IP-Adapter Plus (a Resampler in image_proj)" if "image_proj.latents" in shapes else
+               "an IP-Adapter with an MLP image projection (FaceID's layout)" if "image_proj.proj.0.weight" in shapes else "an IP-Adapter")
+    return f"{variant} whose image branch takes {sorted(widths)}-wide tokens"
+
+
+def resampler_options(shapes: dict[str, tuple], D: int) -> tuple[int, int, dict] | None:
+    """(E, N, Resampler options) read from an IP-Adapter Plus file's shapes; None if they do not fit."""
+    latents, proj_in, q, ff = (shapes.get(f"image_proj.{k}") for k in ("latents", "proj_in.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight"))
+    if None in (latents, proj_in, q, ff) or len(latents) != 3 or shapes.get("image_proj.proj_out.weight", (None,))[0] != D:
+        return None
+    hidden = latents[2]
+    depth = len({k.split(".")[2] for k in shapes if k.startswith("image_proj.layers.")})
+    heads, head_dim = (q[0] // 64, 64) if q[0] % 64 == 0 else (1, q[0])  # the official heads are 64 wide
+    return proj_in[1], latents[1], dict(hidden_dim=hidden, depth=depth, heads=heads, head_dim=head_dim, ff_mult=ff[0] // hidden)
+
+
+def projection_sizes(shapes: dict[str, tuple], D: int, prefix: str = "image_proj.") -> tuple[int, int, int | None] | None:
+    """(E, N, m) of an `image_projection` read from its weights' shapes (m None for the Linear one), or None
+    if the shapes under `prefix` are neither layout with D-wide tokens.
+    Linear: `proj.weight` is (N·D, E). MLP: `proj.0.weight` is (m·E, E), `proj.2.weight` (N·D, m·E)."""
+    proj, hidden, out = (shapes.get(f"{prefix}proj{k}.weight") for k in ("", ".0", ".2"))
+    if proj is not None and len(proj) == 2 and proj[0] % D == 0:
+        return proj[1], proj[0] // D, None
+    if (hidden is not None and out is not None and len(hidden) == len(out) == 2 and hidden[0] % hidden[1] == 0
+            and out[1] == hidden[0] and out[0] % D == 0):
+        return hidden[1], out[0] // D, hidden[0] // hidden[1]
+    return None

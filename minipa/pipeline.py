@@ -5,7 +5,8 @@
     noise x_T ──▶ [UNet ε_θ(x_t, c_t, c_i, t) → CFG (paper eq. 2) → DDIM step] × steps ──▶ x_0
     x_0 / 0.18215 ──VAE decoder──▶ pixels
 
-`load_pipeline` builds one from files users have; `Pipeline.__call__` generates.
+`load_pipeline` builds one from files users have; `Pipeline.__call__` generates, through `denoise`
+(the one sampling loop, which the evaluation and the notebooks call too) and `decode_latents`.
 """
 
 from __future__ import annotations
@@ -14,29 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from minipa.clip import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPVisionModelWithProjection,
-    load_image_encoder,
-    load_text_encoder,
-    read_clip_config,
-)
-from minipa.config import read_json
+from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionModelWithProjection
+from minipa.config import read_config, read_json
 from minipa.ddim import DDIMScheduler
 from minipa.ddpm import NoiseSchedule, ScheduleConfig
-from minipa.guidance import cfg, check_guidance_scale
-from minipa.ip_adapter import IPAdapter, attach_ip_adapter, load_ip_adapter, set_ip_scale
+from minipa.guidance import check_guidance_scale, classifier_free_guidance
+from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
+from minipa.ip_scale import set_ip_scale
+from minipa.loading import load_image_encoder, load_ip_adapter, load_text_encoder, load_unet, load_vae
 from minipa.preprocess import preprocess_image
 from minipa.schedulers import make_scheduler
 from minipa.tokenizer import CLIPTokenizer, load_tokenizer
-from minipa.unet import UNet2DConditionModel, UNetConfig, load_unet
-from minipa.vae import AutoencoderKL, VAEConfig, load_vae
+from minipa.unet import UNet2DConditionModel, UNetConfig
+from minipa.vae import AutoencoderKL, VAEConfig
 from minipa.weights import TINY_RESTORE_HINT, verify_manifest
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -118,54 +113,37 @@ class Pipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         self._check_arguments(prompts, negatives, ip_image, height, width, latents, output)
         w = check_guidance_scale(guidance_scale)
-        use_cfg = w != 1  # at w = 1, paper eq. 2 is the conditional prediction alone: skip the other pass
-        sampler = make_scheduler(scheduler, self.scheduler.config)
-        sampler.set_timesteps(num_steps)
+        if ip_image is not None:
+            self._check_adapter()
+            set_ip_scale(self.unet, ip_scale)  # λ (paper §3.2.3) on every decoupled cross-attention layer
+        scheduler = make_scheduler(scheduler, self.scheduler.config)  # the name → a fresh sampler on this model's schedule
+        scheduler.set_timesteps(num_steps)
         generator = torch.Generator("cpu")  # on the CPU, so a seed gives the same noise on every device
         generator.manual_seed(seed) if seed is not None else generator.seed()
-        step_options = {"eta": eta} if isinstance(sampler, DDIMScheduler) else {}
 
-        # conditioning: c_t for [uncond, cond] and, with an image prompt, c_i for both
-        context = self.encode_prompt(negatives + prompts if use_cfg else prompts)  # ([2]B, 77, D)
-        image_tokens = self._image_tokens(ip_image, ip_scale, len(prompts), use_cfg)  # ([2]B, n·N, D) or None
+        # conditioning: c_t for [uncond, cond] (only cond at w = 1) and, with an image prompt, c_i likewise
+        context = self.encode_prompt(negatives + prompts if w != 1 else prompts)  # ([2]B, 77, D)
+        image_tokens = None if ip_image is None else self._image_tokens(ip_image, len(prompts), w != 1)  # ([2]B, n·N, D)
 
         # x_T ~ N(0, I), or the latents the caller gave (to compare runs or libraries)
-        shape = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
         if latents is None:
+            shape = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
             latents = torch.randn(shape, generator=generator)  # float32, then cast: one seed, one image, in every dtype
-        x = latents.to(self.device, self.dtype)
-
-        for i, t in enumerate(tqdm(sampler.timesteps, desc="minipa", disable=not progress)):
-            model_input = torch.cat([x, x]) if use_cfg else x
-            eps = self.unet(model_input, t, context, image_tokens=image_tokens)
-            if use_cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = cfg(eps_uncond, eps_cond, w)  # ε̂ = ε_u + w·(ε_c − ε_u)   (paper eq. 2)
-            x = sampler.step(eps, t, x, generator=generator, **step_options).prev_sample
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(
-                    f"the latents became NaN/inf at step {i + 1} of {num_steps} (t={int(t)}); with dtype={self.dtype} "
-                    f"try torch.float32, or a lower guidance_scale"
-                )
-        if output == "latent":
-            return x
-        return self.decode(x, output)
+        x = denoise(self.unet, scheduler, latents.to(self.device, self.dtype), context, image_tokens, guidance_scale=w,
+                    generator=generator, eta=eta, progress=progress)
+        return x if output == "latent" else self.decode(x, output)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output: str = "pil"):
-        """Latents → images: undo SD's latent scaling, run the VAE decoder, map [-1, 1] to [0, 1]."""
-        pixels = self.vae.decode(latents / self.vae.config.scaling_factor)  # (B, 3, H, W) in about [-1, 1]
-        images = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
-        if output == "np":
-            return images
-        return [Image.fromarray(img) for img in (images * 255).round().astype(np.uint8)]
+        """Latents → PIL images, or ("np") a (B, H, W, 3) float array in [0, 1]."""
+        images = decode_latents(self.vae, latents)
+        return images.cpu().numpy() if output == "np" else [Image.fromarray(a) for a in to_uint8(images).cpu().numpy()]
 
-    def _image_tokens(self, ip_image, ip_scale, batch: int, use_cfg: bool) -> torch.Tensor | None:
-        if ip_image is None:
-            return None
+    def _check_adapter(self) -> None:
         if self.ip_adapter is None:
             raise ValueError("ip_image was given but no IP-Adapter is loaded; load_pipeline(ip_adapter=PATH)")
-        set_ip_scale(self.unet, ip_scale)
+
+    def _image_tokens(self, ip_image, batch: int, use_cfg: bool) -> torch.Tensor:
         embeds = self.encode_image(ip_image if isinstance(ip_image, (list, tuple)) else [ip_image])  # (n, E) or (n, L, E)
         embeds = embeds[None].expand(batch, *embeds.shape).to(self.dtype)  # (B, n, …): the same image prompt(s) for each prompt
         tokens = self.ip_adapter.image_tokens(embeds)  # (B, n·N, D)
@@ -190,21 +168,37 @@ class Pipeline:
                 raise ValueError(f"latents: expected shape {expected} = (batch, channels, height/8, width/8), got {tuple(latents.shape)}")
 
 
-def image_features(image_encoder, pixels: torch.Tensor, plus: bool = False) -> torch.Tensor:
-    """What an IP-Adapter reads from CLIP-normalised pixels: the global image embeddings (n, E), or, for
-    IP-Adapter Plus, the encoder's penultimate hidden states, every patch (n, L, E)."""
-    out = image_encoder(pixels)
-    return out.hidden_states[-2] if plus else out.image_embeds
+def denoise(unet, scheduler: NoiseSchedule, x: torch.Tensor, context: torch.Tensor, image_tokens: torch.Tensor | None = None,
+            *, guidance_scale: float = 7.5, generator: torch.Generator | None = None, eta: float = 0.0,
+            progress: bool = False) -> torch.Tensor:
+    """The sampling loop: from x_T (B, C, h, w), for each t of `scheduler.timesteps` (set_timesteps first):
+    ε from the UNet, guided by paper eq. 2, then one scheduler step. Returns x_0.
+
+    With guidance (w ≠ 1) `context` and `image_tokens` hold 2B rows, [unconditional; conditional]; with w = 1, B rows
+    (eq. 2 is then the conditional prediction alone, so the other pass is skipped)."""
+    use_cfg = guidance_scale != 1
+    step_options = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}  # only DDIM has η
+    for i, t in enumerate(tqdm(scheduler.timesteps, desc="minipa", disable=not progress)):
+        eps = unet(torch.cat([x, x]) if use_cfg else x, t, context, image_tokens=image_tokens)
+        if use_cfg:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)  # ε̂ = ε_u + w·(ε_c − ε_u)   (paper eq. 2)
+        x = scheduler.step(eps, t, x, generator=generator, **step_options).prev_sample
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"the latents became NaN/inf at step {i + 1} of {len(scheduler.timesteps)} (t={int(t)}); "
+                                     f"with dtype={x.dtype} try torch.float32, or a lower guidance_scale")
+    return x
 
 
-def uncond_image_features(image_encoder, features: torch.Tensor, plus: bool = False) -> torch.Tensor:
-    """"No image" for CFG's unconditional branch, as the official code and diffusers define it: a zero
-    embedding for the base adapter; for Plus, the features of an all-zero (normalised) image."""
-    if not plus:
-        return torch.zeros_like(features)
-    size = image_encoder.config.image_size
-    zero_image = torch.zeros(1, 3, size, size, device=features.device, dtype=features.dtype)
-    return image_features(image_encoder, zero_image, plus=True).expand_as(features)
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Latents → images (B, H, W, 3), float32 in [0, 1]: undo SD's latent scaling, run the VAE decoder, map [-1, 1] to [0, 1]."""
+    pixels = vae.decode(latents / vae.config.scaling_factor)  # (B, 3, H, W) in about [-1, 1]
+    return (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Floats in [0, 1] → uint8 in [0, 255], rounded to the nearest (as diffusers' `numpy_to_pil`)."""
+    return (images * 255).round().to(torch.uint8)
 
 
 # ── loading ─────────────────────────────────────────────────────────────────────────────────────
@@ -225,61 +219,48 @@ def load_pipeline(
     model folder whose `unet/`, `vae/` and `text_encoder/` config.json files describe them."""
     if model is None:
         if not (TINY_MODEL / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"no model given and the tiny model is not in {TINY_MODEL} yet; pass model=PATH "
-                f"(a diffusers SD 1.5 folder or a single .safetensors/.ckpt file)"
-            )
+            raise FileNotFoundError(f"no model given and the tiny model is not in {TINY_MODEL} yet; pass model=PATH "
+                                    f"(a diffusers SD 1.5 folder or a single .safetensors/.ckpt file)")
         verify_manifest(TINY_MODEL, restore_hint=TINY_RESTORE_HINT)  # weights/tiny/SHA256SUMS: every file intact
         model = TINY_MODEL
         ip_adapter = ip_adapter or _first_existing(TINY_MODEL / "ip-adapter.safetensors")
-    model = Path(model)
-    load = dict(dtype=dtype, device=device)
-    if model.is_dir():
-        index = read_json(model / "model_index.json", f"{model} (an SD 1.x model folder in diffusers layout)")
-        _check_pipeline_class(model, index.get("_class_name", "StableDiffusionPipeline"))
-        pipe = Pipeline(
-            unet=load_unet(model / "unet", **load),
-            vae=load_vae(model / "vae", **load),
-            text_encoder=load_text_encoder(model / "text_encoder", **load),
-            tokenizer=load_tokenizer(model / "tokenizer"),
-            scheduler=make_scheduler("ddim", _scheduler_config(model)),
-        )
-    elif model.is_file():
-        unet_config = vae_config = text_config = None
-        if configs is not None:
-            configs = Path(configs)
-            unet_config = UNetConfig.from_json(configs / "unet" / "config.json")
-            vae_config = VAEConfig.from_json(configs / "vae" / "config.json")
-            text_config = read_clip_config(configs / "text_encoder" / "config.json", CLIPTextConfig, "clip_text_model")
-        pipe = Pipeline(
-            unet=load_unet(model, config=unet_config, **load),
-            vae=load_vae(model, config=vae_config, **load),
-            text_encoder=load_text_encoder(model, config=text_config, **load),
-            tokenizer=CLIPTokenizer.from_bpe_gz(WEIGHTS / "bpe_simple_vocab_16e6.txt.gz"),
-            scheduler=make_scheduler("ddim"),
-        )
-    else:
-        raise FileNotFoundError(f"model: {model} does not exist (expected a diffusers SD 1.x folder or a .safetensors/.ckpt file)")
-
+    model, load = Path(model), dict(dtype=dtype, device=device)
+    pipe = _load_folder(model, load) if model.is_dir() else _load_single_file(model, configs, load)
     if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-        raise ValueError(
-            f"{model}: the UNet takes {pipe.unet.config.in_channels} input channels but the VAE makes "
-            f"{pipe.vae.config.latent_channels}-channel latents; inpainting UNets (9 channels) are not supported"
-        )
+        raise ValueError(f"{model}: the UNet takes {pipe.unet.config.in_channels} input channels but the VAE makes "
+                         f"{pipe.vae.config.latent_channels}-channel latents; inpainting UNets (9 channels) are not supported")
     if ip_adapter is not None:
         pipe.ip_adapter = load_ip_adapter(ip_adapter, pipe.unet, **load)
         attach_ip_adapter(pipe.unet, pipe.ip_adapter)
-        encoder_path = image_encoder or _first_existing(Path(ip_adapter).parent / "image_encoder", model / "image_encoder")
-        if encoder_path is None:
-            raise FileNotFoundError(
-                f"no image encoder for the IP-Adapter {ip_adapter}: pass image_encoder=FOLDER (a transformers "
-                f"CLIPVisionModelWithProjection folder; OpenCLIP ViT-H/14 for ip-adapter_sd15)"
-            )
-        pipe.image_encoder = load_image_encoder(encoder_path, **load)
-        _check_encoder_fits_adapter(pipe, encoder_path, ip_adapter)
-    elif image_encoder is not None:
+        image_encoder = image_encoder or _first_existing(Path(ip_adapter).parent / "image_encoder", model / "image_encoder")
+        if image_encoder is None:
+            raise FileNotFoundError(f"no image encoder for the IP-Adapter {ip_adapter}: pass image_encoder=FOLDER (a transformers "
+                                    f"CLIPVisionModelWithProjection folder; OpenCLIP ViT-H/14 for ip-adapter_sd15)")
+    if image_encoder is not None:
         pipe.image_encoder = load_image_encoder(image_encoder, **load)
+    if pipe.ip_adapter is not None:
+        _check_encoder_fits_adapter(pipe, image_encoder, ip_adapter)
     return pipe
+
+
+def _load_folder(model: Path, load: dict) -> Pipeline:
+    """A diffusers model folder: model_index.json, and each component in its subfolder with its own config."""
+    index = read_json(model / "model_index.json", f"{model} (an SD 1.x model folder in diffusers layout)")
+    _check_pipeline_class(model, index.get("_class_name", "StableDiffusionPipeline"))
+    schedule = model / "scheduler" / "scheduler_config.json"
+    return Pipeline(unet=load_unet(model / "unet", **load), vae=load_vae(model / "vae", **load),
+                    text_encoder=load_text_encoder(model / "text_encoder", **load), tokenizer=load_tokenizer(model / "tokenizer"),
+                    scheduler=make_scheduler("ddim", read_config(schedule, ScheduleConfig) if schedule.is_file() else None))
+
+
+def _load_single_file(model: Path, configs: str | Path | None, load: dict) -> Pipeline:
+    """An original LDM checkpoint: every component in one file, SD 1.5's configs unless `configs` has others."""
+    if not model.is_file():
+        raise FileNotFoundError(f"model: {model} does not exist (expected a diffusers SD 1.x folder or a .safetensors/.ckpt file)")
+    read = (lambda sub, cls: None) if configs is None else (lambda sub, cls: read_config(Path(configs) / sub / "config.json", cls))
+    return Pipeline(unet=load_unet(model, config=read("unet", UNetConfig), **load), vae=load_vae(model, config=read("vae", VAEConfig), **load),
+                    text_encoder=load_text_encoder(model, config=read("text_encoder", CLIPTextConfig), **load),
+                    tokenizer=CLIPTokenizer.from_bpe_gz(WEIGHTS / "bpe_simple_vocab_16e6.txt.gz"), scheduler=make_scheduler("ddim"))
 
 
 def _check_pipeline_class(model: Path, name: str) -> None:
@@ -290,11 +271,6 @@ def _check_pipeline_class(model: Path, name: str) -> None:
             f"{model}: model_index.json describes {other or name} ({name}); minipa loads SD 1.x text-to-image "
             f"models (StableDiffusionPipeline)"
         )
-
-
-def _scheduler_config(model: Path) -> ScheduleConfig:
-    path = model / "scheduler" / "scheduler_config.json"
-    return ScheduleConfig.from_json(path) if path.is_file() else ScheduleConfig.sd15()
 
 
 def _first_existing(*paths: Path) -> Path | None:

@@ -1,4 +1,4 @@
-"""The UNet's convolutional pieces: ResnetBlock2D (with the timestep injected), Downsample2D, Upsample2D.
+"""The convolutional pieces: ResnetBlock2D (the UNet's injects the timestep; the VAE's has none), Downsample2D, Upsample2D.
 
 Names match diffusers, so a diffusers checkpoint loads by identity.
 """
@@ -15,21 +15,23 @@ class ResnetBlock2D(nn.Module):
 
     out = shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))) + W·SiLU(temb))))
     When the channel count changes, `conv_shortcut` (a 1×1 conv) brings x to the new width.
+    With `temb_channels=None` (the VAE's blocks) there is no time embedding and that term is left out.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int = 32, eps: float = 1e-5):
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int = 32, eps: float = 1e-5):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.time_emb_proj = None if temb_channels is None else nn.Linear(temb_channels, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        """x: (B, C_in, H, W), temb: (B, T) → (B, C_out, H, W)"""
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C_in, H, W), temb: (B, T) or None → (B, C_out, H, W)"""
         h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, H, W)
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # the timestep, broadcast over H, W
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # the timestep, broadcast over H, W
         h = self.conv2(F.silu(self.norm2(h)))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minipa.config import read_config
 from minipa.ddim import DDIMScheduler
 from minipa.ddpm import DDPMScheduler, NoiseSchedule, ScheduleConfig
 from minipa.dpm_solver import DPMSolverMultistepScheduler
@@ -16,5 +17,5 @@ def make_scheduler(name: str = "ddim", config: ScheduleConfig | str | Path | Non
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; expected one of {', '.join(map(repr, SCHEDULERS))}")
     if isinstance(config, (str, Path)):
-        config = ScheduleConfig.from_json(config)
+        config = read_config(config, ScheduleConfig)
     return SCHEDULERS[name](config)

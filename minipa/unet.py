@@ -1,6 +1,6 @@
 """The SD 1.5 UNet: ε_θ(x_t, c, t), the noise predictor of paper eq. 1, conditioned on text c by cross-attention.
 
-Reading order: `UNetConfig` → the three block kinds (down, mid, up) → `UNet2DConditionModel` → `load_unet`.
+Reading order: `UNetConfig` → the three block kinds (down, mid, up) → `UNet2DConditionModel`.
 
     x_t (B,4,h,w) → conv_in → down 0 → down 1 → down 2 → down 3 → mid → up 0 → up 1 → up 2 → up 3 → conv_out → ε
                                 │        │        │        │              ▲      ▲      ▲      ▲
@@ -13,63 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import keymap
-from .config import ConfigError, config_from_dict, read_json
 from .embeddings import TimestepEmbedding, timestep_embedding
 from .resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from .transformer import Transformer2DModel
-from .weights import Checkpoint, WeightsError, build_and_load
 
 # ─── Config ─────────────────────────────────────────────────────────────────────────────────────
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-# diffusers settings minipa does not implement: accepted only with the value that switches them off.
-UNSUPPORTED = {
-    "center_input_sample": (False,),
-    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None,),
-    "downsample_padding": (1,),
-    "mid_block_scale_factor": (1,),
-    "dropout": (0.0,),
-    "act_fn": ("silu",),
-    "transformer_layers_per_block": (1,),
-    "reverse_transformer_layers_per_block": (None,),
-    "num_attention_heads": (None,),  # SD 1.x gives the head count as `attention_head_dim` (legacy naming)
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "dual_cross_attention": (False,),
-    "use_linear_projection": (False,),  # SD 2.x uses Linear proj_in/proj_out
-    "class_embed_type": (None,),
-    "num_class_embeds": (None,),
-    "class_embeddings_concat": (False,),
-    "projection_class_embeddings_input_dim": (None,),
-    "addition_embed_type": (None,),  # SDXL: "text_time"
-    "addition_time_embed_dim": (None,),
-    "addition_embed_type_num_heads": (64,),
-    "upcast_attention": (False,),
-    "resnet_time_scale_shift": ("default",),
-    "resnet_skip_time_act": (False,),
-    "resnet_out_scale_factor": (1.0,),
-    "time_embedding_type": ("positional",),
-    "time_embedding_dim": (None,),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
-    "conv_in_kernel": (3,),
-    "conv_out_kernel": (3,),
-    "attention_type": ("default",),
-    "cross_attention_norm": (None,),
-}
-
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -123,15 +79,6 @@ class UNetConfig:
             block_out_channels=(32, 64, 64, 64), attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8, sample_size=16
         )
         return dataclasses.replace(base, **changes)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> UNetConfig:
-        """Read a diffusers `unet/config.json`; settings minipa does not implement raise ConfigError naming them."""
-        data = read_json(path, "UNet config")
-        found = data.get("_class_name", "UNet2DConditionModel")
-        if found != "UNet2DConditionModel":
-            raise ConfigError(f"{path}: expected the config of an SD 1.x UNet (UNet2DConditionModel), found a config for {found}")
-        return config_from_dict(cls, data, family="an SD 1.x UNet", source=path, fixed=UNSUPPORTED)
 
 
 # ─── Blocks ─────────────────────────────────────────────────────────────────────────────────────
@@ -288,37 +235,3 @@ class UNet2DConditionModel(nn.Module):
         if t.shape != (batch,):
             raise ValueError(f"timestep must be a number, a 0-d tensor or shaped (B,) = ({batch},); got {tuple(t.shape)}")
         return t
-
-
-# ─── Loading ────────────────────────────────────────────────────────────────────────────────────
-
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def load_unet(
-    path: str | Path, *, config: UNetConfig | None = None, dtype: torch.dtype | None = None, device="cpu"
-) -> UNet2DConditionModel:
-    """Load a UNet from a diffusers `unet/` folder or an original LDM single file (.safetensors / .ckpt).
-
-    A folder brings its own config.json; a single file carries none, so `config` defaults to SD 1.5's.
-    The model is built on `meta` (no memory), then each tensor of the file becomes its parameter.
-    """
-    path = Path(path)
-    if path.is_dir():
-        config = config or UNetConfig.from_json(path / "config.json")
-        found = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
-        if not found:
-            raise WeightsError(f"{path}: UNet folder has no weights file; expected {' or '.join(WEIGHT_FILES)}")
-        checkpoint = Checkpoint(found[0])
-        names, unmatched = {k: k for k in checkpoint.keys()}, []  # diffusers names are minipa's names
-    else:
-        config = config or UNetConfig.sd15()
-        checkpoint = Checkpoint(path)
-        if any(k.startswith(keymap.LDM_UNET_PREFIX) for k in checkpoint.keys()):
-            names, unmatched = keymap.ldm_unet_names(checkpoint.keys(), config.layers_per_block)
-        else:  # a lone diffusers-named file
-            names, unmatched = {k: k for k in checkpoint.keys()}, []
-
-    family = f"an SD 1.x UNet ({config.in_channels} in, {config.block_out_channels[0]} wide, text {config.cross_attention_dim})"
-    return build_and_load(lambda: UNet2DConditionModel(config), checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
-                          device=device, describe=keymap.describe_checkpoint)

@@ -16,18 +16,14 @@ Names follow diffusers (`encoder.down_blocks.N.resnets.M`, `quant_conv`, …); L
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from . import keymap
 from .attention import Attention
-from .config import config_from_dict, read_json
-from .resnet import Upsample2D
-from .weights import Checkpoint, WeightsError, build_and_load
+from .resnet import ResnetBlock2D, Upsample2D
 
 EPS = 1e-6  # every GroupNorm in SD's VAE
 
@@ -61,14 +57,6 @@ class VAEConfig:
         return cls(block_out_channels=(32, 64), norm_num_groups=8, sample_size=64,
                    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "VAEConfig":
-        # Settings minipa does not implement, accepted only with the value that switches them off:
-        fixed = {"act_fn": ("silu",), "use_quant_conv": (True,), "use_post_quant_conv": (True,),
-                 "mid_block_add_attention": (True,), "shift_factor": (None,), "latents_mean": (None,),
-                 "latents_std": (None,)}
-        return config_from_dict(cls, read_json(path, "VAE config"), family="SD VAE (AutoencoderKL)", source=path, fixed=fixed)
-
 
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))), from the encoder's 2·latent_channels output."""
@@ -90,21 +78,9 @@ class DiagonalGaussian:
 # ─── Building blocks ─────────────────────────────────────────────────────────────────────────────
 
 
-class ResnetBlock(nn.Module):
-    """The UNet's ResnetBlock2D without a timestep: out = shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))))))."""
-
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+def resnet(in_channels: int, out_channels: int, groups: int) -> ResnetBlock2D:
+    """The UNet's residual block without a timestep: shortcut(x) + conv2(SiLU(norm2(conv1(SiLU(norm1(x))))))."""
+    return ResnetBlock2D(in_channels, out_channels, None, groups, EPS)
 
 
 class Downsample(nn.Module):
@@ -137,7 +113,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.resnets = nn.ModuleList([resnet(channels, channels, groups), resnet(channels, channels, groups)])
         self.attentions = nn.ModuleList([VAEAttention(channels, groups)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +123,7 @@ class MidBlock(nn.Module):
 class EncoderBlock(nn.Module):  # diffusers' DownEncoderBlock2D
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers))
+        self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers))
         self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +135,7 @@ class EncoderBlock(nn.Module):  # diffusers' DownEncoderBlock2D
 class DecoderBlock(nn.Module):  # diffusers' UpDecoderBlock2D
     def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList(ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers))
+        self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,33 +210,3 @@ class AutoencoderKL(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reconstruction: decode(a sample of encode(x))."""
         return self.decode(self.encode(x).sample(generator))
-
-
-# ─── Loading ─────────────────────────────────────────────────────────────────────────────────────
-
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
-
-
-def load_vae(path, *, dtype=None, device="cpu", config: VAEConfig | None = None) -> AutoencoderKL:
-    """The VAE from a diffusers `vae/` folder (or the model folder above it), or from an LDM single
-    file (`first_stage_model.*`, or a standalone LDM VAE file); LDM files default to SD 1.5's config."""
-    path = Path(path)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "vae").is_dir():
-        path = path / "vae"
-    if path.is_file():
-        config = config or VAEConfig.sd15()
-        checkpoint = Checkpoint(path)
-        names, unmatched = keymap.ldm_vae_names(checkpoint.keys(), len(config.block_out_channels))
-    elif path.is_dir():
-        weights = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
-        if weights is None:
-            raise WeightsError(f"{path}: no VAE weights found; expected one of {', '.join(WEIGHT_FILES)}")
-        config = config or VAEConfig.from_json(path / "config.json")
-        checkpoint = Checkpoint(weights)
-        names, unmatched = {k: k for k in checkpoint.keys()}, []
-    else:
-        raise WeightsError(f"{path}: no such VAE folder or checkpoint file")
-    family = f"SD VAE (AutoencoderKL, channels {config.block_out_channels}, {config.latent_channels} latent channels)"
-    return build_and_load(lambda: AutoencoderKL(config), checkpoint, names, family=family, unmatched=unmatched, dtype=dtype,
-                          device=device, describe=keymap.describe_checkpoint)

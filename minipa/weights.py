@@ -126,15 +126,17 @@ def load_weights(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     describe: Callable[[dict], str] | None = None,
+    file_key: Callable[[str], str] = lambda name: name,
 ) -> nn.Module:
     """Fill `module` (built on `meta`) from `checkpoint`, strictly.
 
     `names` maps each parameter name of `module` to the file key that holds it (from `keymap.py`);
     `unmatched` lists file keys the key rule could not place. `family` ("SD 1.5 UNet", …) and the
-    optional `describe(shapes) -> str` (a guess at what the file really is) go into the error.
+    optional `describe(shapes) -> str` (a guess at what the file really is) go into the error; missing parameters
+    are reported under the key the file should have had, `file_key(name)`.
     """
     expected = {name: tuple(p.shape) for name, p in module.state_dict(keep_vars=True).items()}
-    missing = sorted(set(expected) - set(names))
+    missing = sorted(file_key(name) for name in set(expected) - set(names))
     unexpected = sorted(set(names) - set(expected)) + sorted(unmatched)
     mismatched = [
         f"{name}: file has {tuple(checkpoint.shape(names[name]))} (key {names[name]!r}), {family} needs {expected[name]}"

@@ -4,7 +4,15 @@ equals diffusers' `Attention` with the same weights."""
 import pytest
 import torch
 
-from minipa.attention import Attention, attention, attention_backend, get_attention_backend, set_attention_backend
+from minipa.attention import (
+    Attention,
+    attention,
+    attention_backend,
+    get_attention_backend,
+    merge_heads,
+    set_attention_backend,
+    split_heads,
+)
 
 
 def _qkv(b=2, heads=4, lq=7, lk=11, d=16, seed=0):
@@ -53,8 +61,8 @@ def test_attention_module_self_and_cross_shapes_and_key_names():
     x, c = torch.randn(2, 10, 32), torch.randn(2, 77, 24)
     assert attn(x, c).shape == (2, 10, 32)
     assert sorted(attn.state_dict()) == ["to_k.weight", "to_out.0.bias", "to_out.0.weight", "to_q.weight", "to_v.weight"]
-    assert attn.split_heads(torch.randn(2, 10, 32)).shape == (2, 4, 10, 8)
-    assert attn.merge_heads(torch.randn(2, 4, 10, 8)).shape == (2, 10, 32)
+    assert split_heads(torch.randn(2, 10, 32), attn.heads).shape == (2, 4, 10, 8)
+    assert merge_heads(torch.randn(2, 4, 10, 8)).shape == (2, 10, 32)
     vae_style = Attention(query_dim=12, heads=1, head_dim=12, qkv_bias=True)
     assert vae_style(torch.randn(1, 5, 12)).shape == (1, 5, 12)
     with pytest.raises(ValueError, match="divisible"):

@@ -9,15 +9,9 @@ from safetensors.torch import save_file
 
 from minipa import keymap
 from minipa.attention import attention_backend
-from minipa.clip import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPVisionConfig,
-    CLIPVisionModelWithProjection,
-    load_image_encoder,
-    load_text_encoder,
-)
+from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from minipa.config import ConfigError
+from minipa.loading import load_image_encoder, load_text_encoder
 from minipa.weights import WeightsError
 
 transformers = pytest.importorskip("transformers")

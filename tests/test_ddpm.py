@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler as RefDDPM
 
-from minipa.config import ConfigError
+from minipa.config import ConfigError, read_config
 from minipa.ddpm import DDPMScheduler, ScheduleConfig, add_noise, diffusion_loss, make_betas, velocity
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False)
@@ -83,12 +83,12 @@ def test_config_reads_sd15_scheduler_json(tmp_path):
             "clip_sample": False}
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps(sd15))
-    assert ScheduleConfig.from_json(path) == ScheduleConfig.sd15()
+    assert read_config(path, ScheduleConfig) == ScheduleConfig.sd15()
 
 
 def test_config_round_trips_through_diffusers_save(tmp_path):
     reference(timestep_spacing="trailing").save_config(tmp_path)
-    config = ScheduleConfig.from_json(tmp_path / "scheduler_config.json")
+    config = read_config(tmp_path / "scheduler_config.json", ScheduleConfig)
     assert config.timestep_spacing == "trailing" and config.beta_schedule == "scaled_linear"
 
 
@@ -107,17 +107,17 @@ def test_unsupported_config_names_the_key(tmp_path, setting, words):
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps({"beta_schedule": "scaled_linear", **setting}))
     with pytest.raises(ConfigError) as err:
-        ScheduleConfig.from_json(path)
+        read_config(path, ScheduleConfig)
     for word in words + [str(path)]:
         assert word in str(err.value)
 
 
 def test_missing_or_broken_config_file(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
-        ScheduleConfig.from_json(tmp_path / "nope.json")
+        read_config(tmp_path / "nope.json", ScheduleConfig)
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        ScheduleConfig.from_json(tmp_path / "bad.json")
+        read_config(tmp_path / "bad.json", ScheduleConfig)
 
 
 @pytest.mark.parametrize("n", [0, -1, 1001, 2.5, "10", True])

@@ -1,6 +1,8 @@
 """DPM-Solver++(2M) against diffusers' DPMSolverMultistepScheduler (its defaults: dpmsolver++, order 2,
 midpoint, final sigma 0): timesteps, σ, and every step of whole sampling loops."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler as Reference
@@ -13,8 +15,8 @@ SPACINGS = ("leading", "linspace", "trailing")
 
 
 def pair(**settings):
-    config = ScheduleConfig(**{**ScheduleConfig.sd15().to_dict(), **settings})
-    return DPMSolverMultistepScheduler(config), Reference.from_config(config.to_dict())
+    config = ScheduleConfig(**{**dataclasses.asdict(ScheduleConfig.sd15()), **settings})
+    return DPMSolverMultistepScheduler(config), Reference.from_config(dataclasses.asdict(config))
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)

@@ -5,26 +5,26 @@ import math
 import pytest
 import torch
 
-from minipa.guidance import cfg
+from minipa.guidance import classifier_free_guidance
 
 
 def test_both_forms_of_seed_eq2_agree():
     u, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     w = 7.5
-    torch.testing.assert_close(cfg(u, c, w), w * c + (1 - w) * u)
+    torch.testing.assert_close(classifier_free_guidance(u, c, w), w * c + (1 - w) * u)
 
 
 def test_w_one_is_the_conditional_prediction():
     u, c = torch.randn(3), torch.randn(3)
-    assert torch.equal(cfg(u, c, 1.0), c)
+    assert torch.equal(classifier_free_guidance(u, c, 1.0), c)
 
 
 def test_w_zero_is_the_unconditional_prediction():
     u, c = torch.randn(3), torch.randn(3)
-    assert torch.equal(cfg(u, c, 0.0), u)
+    assert torch.equal(classifier_free_guidance(u, c, 0.0), u)
 
 
 @pytest.mark.parametrize("w", [-1.0, math.nan, math.inf, "7.5", None])
 def test_bad_guidance_scale(w):
     with pytest.raises(ValueError, match="guidance scale w must be a finite number >= 0"):
-        cfg(torch.zeros(1), torch.zeros(1), w)
+        classifier_free_guidance(torch.zeros(1), torch.zeros(1), w)

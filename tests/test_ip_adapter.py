@@ -3,29 +3,27 @@ numbering and checkpoint formats — each against diffusers."""
 
 import pytest
 import torch
+from conftest import TINY_UNET, random_ip_adapter_mlp_state, random_ip_adapter_plus_state, save_nested
 from diffusers import UNet2DConditionModel as RefUNet
 from diffusers.models.attention_processor import Attention as RefAttention
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, IPAdapterPlusImageProjection
 from safetensors.torch import save_file
 
-from conftest import TINY_UNET, random_ip_adapter_mlp_state, random_ip_adapter_plus_state, save_nested
-
+from minipa import keymap
 from minipa.attention import Attention, attention_backend
 from minipa.ip_adapter import (
     DecoupledCrossAttention,
     ImageKeyValue,
     IPAdapter,
-    MLPProjection,
-    Resampler,
     attach_ip_adapter,
     cross_attention_layers,
     decoupled_attention,
     detach_ip_adapter,
-    layer_scales,
-    load_ip_adapter,
-    set_ip_scale,
 )
+from minipa.ip_scale import layer_scales, set_ip_scale
+from minipa.loading import load_ip_adapter
+from minipa.projections import MLPProjection, Resampler, image_projection
 from minipa.unet import UNet2DConditionModel, UNetConfig
 from minipa.weights import WeightsError
 
@@ -66,7 +64,8 @@ def test_full_size_ip_adapter_sd15_keys_and_parameter_count():
             width = modules[name.removesuffix(".processor")].to_k.out_features
             expected[f"ip_adapter.{i}.to_k_ip.weight"] = (width, 768)
             expected[f"ip_adapter.{i}.to_v_ip.weight"] = (width, 768)
-    ours_shapes = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+    file_keys = keymap.ip_adapter_file_keys(adapter.state_dict())  # minipa's names → the official file's
+    ours_shapes = {file_keys[k]: tuple(v.shape) for k, v in adapter.state_dict().items()}
     assert ours_shapes == expected
     assert len(ours_shapes) == 4 + 2 * 16
     assert sum(v.numel() for v in adapter.parameters()) == 22_319_616  # the paper's "22M"
@@ -75,13 +74,13 @@ def test_full_size_ip_adapter_sd15_keys_and_parameter_count():
 def test_full_size_ip_adapter_plus_sd15_matches_diffusers_resampler():
     ours, ref = sd15_unets()
     with torch.device("meta"):
-        adapter = IPAdapter.for_unet(ours, image_embed_dim=1280, num_tokens=16, resampler={})  # ViT-H/14 hidden width
+        adapter = IPAdapter.for_unet(ours, 1280, 16, image_projection(1280, 768, 16, resampler={}))  # ViT-H/14 hidden width
         theirs = IPAdapterPlusImageProjection(embed_dims=1280, output_dims=768, hidden_dims=768, heads=12, num_queries=16)
     shapes = {k: tuple(v.shape) for k, v in adapter.image_proj.state_dict().items()}
     assert shapes["latents"] == (1, 16, 768) and shapes["proj_in.weight"] == (768, 1280)
     assert shapes["layers.3.0.to_kv.weight"] == (2 * 768, 768) and shapes["layers.3.1.3.weight"] == (768, 4 * 768)
     assert sum(v.numel() for v in adapter.image_proj.parameters()) == sum(v.numel() for v in theirs.parameters())
-    assert len([k for k in adapter.state_dict() if k.startswith("ip_adapter.")]) == 2 * 16
+    assert len([k for k in adapter.state_dict() if k.startswith("layers.")]) == 2 * 16  # ip_adapter.{1,…,31}.* in the file
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])
@@ -173,7 +172,7 @@ def test_attach_shares_weights_and_detach_restores_the_unet(unet_and_adapter):
     layers = cross_attention_layers(unet)
     assert all(isinstance(m, DecoupledCrossAttention) for _, _, m in layers)
     first = layers[0][2]
-    assert first.to_k_ip.weight.data_ptr() == adapter.ip_adapter[str(layers[0][0])].to_k_ip.weight.data_ptr()
+    assert first.to_k_ip.weight.data_ptr() == adapter.layers[str(layers[0][0])].to_k_ip.weight.data_ptr()
     tokens = adapter.image_tokens(torch.randn(1, 16))
     assert torch.equal(unet(x, t, text, image_tokens=tokens), plain)  # λ = 0 ≡ plain SD
     set_ip_scale(unet, 0.5)
@@ -190,8 +189,8 @@ def test_init_from_text_attention_copies_wk_and_wv(unet_and_adapter):
     unet, adapter = unet_and_adapter
     adapter.init_from_text_attention(unet)
     for i, _, attn in cross_attention_layers(unet):
-        assert torch.equal(adapter.ip_adapter[str(i)].to_k_ip.weight, attn.to_k.weight)
-        assert torch.equal(adapter.ip_adapter[str(i)].to_v_ip.weight, attn.to_v.weight)
+        assert torch.equal(adapter.layers[str(i)].to_k_ip.weight, attn.to_k.weight)
+        assert torch.equal(adapter.layers[str(i)].to_v_ip.weight, attn.to_v.weight)
 
 
 def test_image_projection_gives_n_tokens_and_concatenates_several_images(unet_and_adapter):
@@ -243,18 +242,21 @@ def test_set_scale_without_adapter_is_an_error(unet_and_adapter):
 @pytest.mark.parametrize("variant", ["base", "plus", "mlp"])
 def test_official_formats_load_strictly(tmp_path, unet_and_adapter, fmt, variant):
     unet, _ = unet_and_adapter
-    options = {"base": {}, "plus": dict(num_tokens=8, resampler={"hidden_dim": 64}), "mlp": dict(num_tokens=3, mlp=2)}[variant]
-    state = {k: torch.randn(v.shape) for k, v in IPAdapter.for_unet(unet, 16, **options).state_dict().items()}
+    N, options = {"base": (4, {}), "plus": (8, dict(resampler={"hidden_dim": 64})), "mlp": (3, dict(mlp=2))}[variant]
+    D = unet.config.cross_attention_dim
+    shapes = {k: v.shape for k, v in IPAdapter.for_unet(unet, 16, N, image_projection(16, D, N, **options)).state_dict().items()}
+    state = {key: torch.randn(shapes[name]) for name, key in keymap.ip_adapter_file_keys(shapes).items()}  # official names
     path = tmp_path / f"ip.{fmt}"
     save_nested(state, path) if fmt == "bin" else save_file(state, path)
     adapter = load_ip_adapter(path, unet)
     assert adapter.plus == (variant == "plus") and isinstance(adapter.image_proj, MLPProjection) == (variant == "mlp")
-    loaded = adapter.state_dict()
+    loaded = {keymap.ip_adapter_file_keys([k])[k]: v for k, v in adapter.state_dict().items()}
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
 def _bad_adapter(tmp_path, unet, edit):
     state = {k: torch.zeros(v.shape) for k, v in IPAdapter.for_unet(unet, 16).state_dict().items()}
+    state = {key: state[name] for name, key in keymap.ip_adapter_file_keys(state).items()}  # the official names
     edit(state)
     path = tmp_path / "bad.safetensors"
     save_file(state, path)

@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import diffusers_pipeline
 from PIL import Image, ImageDraw
 
 import minipa
-from conftest import diffusers_pipeline
 from minipa.cli import main as cli
 from minipa.ip_adapter import DecoupledCrossAttention
 
@@ -279,9 +279,8 @@ def test_single_file_checkpoint_gives_the_same_image_as_the_folder(tiny_world, o
 
 
 def test_image_encoder_of_the_wrong_width_is_named(tiny_world, tmp_path):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     from conftest import TINY_VISION
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     wrong = tmp_path / "image_encoder"
     CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY_VISION, "projection_dim": 24})).save_pretrained(wrong)

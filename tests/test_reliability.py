@@ -25,11 +25,10 @@ from safetensors.torch import load_file, save_file
 import minipa
 from minipa import keymap
 from minipa.cli import main as cli
-from minipa.config import ConfigError
-from minipa.ip_adapter import load_ip_adapter
+from minipa.config import ConfigError, read_config
+from minipa.loading import load_ip_adapter, load_unet
 from minipa.preprocess import ImageInputError, preprocess_image
 from minipa.tokenizer import CLIPTokenizer
-from minipa.unet import load_unet
 from minipa.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +83,7 @@ def inpainting_model(world, tmp) -> Path:
 def unet_config(world):
     from minipa.unet import UNetConfig
 
-    return UNetConfig.from_json(world["model"] / "unet" / "config.json")
+    return read_config(world["model"] / "unet" / "config.json", UNetConfig)
 
 
 def truncated_unet(world, tmp) -> Path:
@@ -130,9 +129,8 @@ def load_adapter(world, tmp, variant):
 
 def wrong_image_encoder(world, tmp) -> Path:
     """A CLIP vision encoder of another size (as ViT-L/14 is to ViT-H/14): projection 32 instead of 48."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     from conftest import TINY_VISION
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     path = tmp / "image_encoder"
     CLIPVisionModelWithProjection(CLIPVisionConfig(**{**TINY_VISION, "projection_dim": 32, "hidden_size": 48})).save_pretrained(path)

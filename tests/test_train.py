@@ -121,7 +121,7 @@ def test_ip_adapter_recipe_trains_only_the_adapter_from_text_weights():
     unet, adapter, module = _adapter_setup()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {f"adapter.{n}" for n, _ in adapter.named_parameters()}
-    first = adapter.ip_adapter["1"]
+    first = adapter.layers["1"]
     assert torch.equal(first.to_k_ip.weight, unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight)
     frozen = {n: p.clone() for n, p in unet.named_parameters() if "_ip" not in n}
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
@@ -146,8 +146,8 @@ def test_condition_dropping_rates():
 def test_unet_batches_mix_full_partial_and_empty_captions(smoke_world):
     """10% empty captions (for CFG), 10% partial ones (the shape alone or the background alone), and
     each partial row's text tokens are the text encoder's output for that image's partial caption."""
-    from minipa.clip import load_text_encoder
     from minipa.data.shapes import partial_captions
+    from minipa.loading import load_text_encoder
     from minipa.tokenizer import load_tokenizer
     from minipa.train.unet import UNetTraining
     from minipa.train.world import World
@@ -228,7 +228,7 @@ def test_exported_world_matches_diffusers_and_transformers(smoke_world):
         unet_ref = diffusers.UNet2DConditionModel.from_pretrained(out / "unet", torch_dtype=torch.float32).eval()
         x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
         pipe.unet.eval()
-        from minipa.ip_adapter import set_ip_scale
+        from minipa.ip_scale import set_ip_scale
 
         set_ip_scale(pipe.unet, 0.0)
         assert (unet_ref(x, 500, context).sample - pipe.unet(x, 500, context)).abs().max() < 1e-4
@@ -254,7 +254,7 @@ def test_extra_stages_load_and_evaluate(smoke_world):
     for name in ("ip_adapter", "concat_ablation", "ip_adapter_plus"):
         assert 0 <= rows[f"{name}_image_only_heldout"]["all"] <= 1
     index, _, first = cross_attention_layers(pipe.unet)[0]
-    assert first.to_k_ip is pipe.ip_adapter.ip_adapter[str(index)].to_k_ip  # the pipeline's own adapter is back
+    assert first.to_k_ip is pipe.ip_adapter.layers[str(index)].to_k_ip  # the pipeline's own adapter is back
     assert load_plus_adapter(root / "nowhere", pipe) is None
 
 

@@ -9,11 +9,12 @@ from safetensors.torch import save_file
 
 from minipa import keymap
 from minipa.attention import Attention, attention_backend
-from minipa.config import ConfigError
+from minipa.config import ConfigError, read_config
 from minipa.embeddings import timestep_embedding
+from minipa.loading import load_unet
 from minipa.resnet import ResnetBlock2D
 from minipa.transformer import Transformer2DModel
-from minipa.unet import UNet2DConditionModel, UNetConfig, load_unet
+from minipa.unet import UNet2DConditionModel, UNetConfig
 from minipa.weights import WeightsError
 
 TOL = 1e-4  # fp32 CPU; measured differences are ~0 (same operations in the same order)
@@ -193,11 +194,11 @@ def test_image_tokens_reach_every_cross_attention(unet_folder):
 def test_config_from_diffusers_json(unet_folder, tmp_path):
     from diffusers import UNet2DConditionModel as Reference
 
-    assert UNetConfig.from_json(unet_folder / "config.json") == UNetConfig.tiny()
+    assert read_config(unet_folder / "config.json", UNetConfig) == UNetConfig.tiny()
     sd15 = Reference.load_config(unet_folder)
     sd15.update(SD15_SETTINGS, block_out_channels=[320, 640, 1280, 1280])
     (tmp_path / "config.json").write_text(json.dumps(sd15))
-    assert UNetConfig.from_json(tmp_path / "config.json") == UNetConfig.sd15()
+    assert read_config(tmp_path / "config.json", UNetConfig) == UNetConfig.sd15()
 
 
 @pytest.mark.parametrize(
@@ -217,14 +218,14 @@ def test_config_rejects_what_sd1_does_not_use(unet_folder, tmp_path, key, value)
     data[key] = value
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ConfigError, match=key) as err:
-        UNetConfig.from_json(tmp_path / "config.json")
+        read_config(tmp_path / "config.json", UNetConfig)
     assert "config.json" in str(err.value)
 
 
 def test_config_of_another_model_class_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4}))
     with pytest.raises(ConfigError, match="AutoencoderKL"):
-        UNetConfig.from_json(tmp_path / "config.json")
+        read_config(tmp_path / "config.json", UNetConfig)
 
 
 # ─── Full-size coverage on meta ─────────────────────────────────────────────────────────────────

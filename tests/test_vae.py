@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 
 from minipa import keymap
 from minipa.attention import attention_backend
-from minipa.config import ConfigError
-from minipa.vae import AutoencoderKL, VAEConfig, load_vae
+from minipa.config import ConfigError, read_config
+from minipa.loading import load_vae
+from minipa.vae import AutoencoderKL, VAEConfig
 from minipa.weights import WeightsError
 
 diffusers = pytest.importorskip("diffusers")
@@ -144,7 +145,7 @@ def test_full_size_ldm_keys_round_trip_and_match_diffusers_converter():
 
 
 def test_config_json_round_trip(diffusers_folder):
-    config = VAEConfig.from_json(diffusers_folder / "config.json")
+    config = read_config(diffusers_folder / "config.json", VAEConfig)
     assert config == VAEConfig(**TINY, sample_size=32)
 
 
@@ -169,7 +170,7 @@ def test_wrong_files_are_clear_errors(diffusers_folder, tmp_path):
     with pytest.raises(WeightsError, match="no such VAE folder"):
         load_vae(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(WeightsError, match="no VAE weights found.*diffusion_pytorch_model.safetensors"):
+    with pytest.raises(WeightsError, match="no weights file found.*VAE.*diffusion_pytorch_model.safetensors"):
         load_vae(tmp_path)
     with pytest.raises(WeightsError) as err:  # the tiny VAE file where the full-size SD 1.5 VAE is expected
         load_vae(diffusers_folder / "diffusion_pytorch_model.safetensors")

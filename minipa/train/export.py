@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from minipa import keymap
 from minipa.clip import CLIPTextConfig, CLIPVisionConfig
 from minipa.ddpm import ScheduleConfig
 from minipa.tokenizer import CLIPTokenizer
@@ -64,7 +65,7 @@ def vision_config_dict(config: CLIPVisionConfig) -> dict:
 
 
 def scheduler_config_dict(config: ScheduleConfig) -> dict:
-    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **config.to_dict()}
+    return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **dataclasses.asdict(config)}
 
 
 def save_unet(unet: nn.Module, folder: Path, dtype=torch.float16) -> None:
@@ -116,7 +117,8 @@ def save_model_index(folder: Path, with_image_encoder: bool = True) -> None:
 
 def save_ip_adapter(adapter: nn.Module, path: Path, dtype=torch.float16) -> None:
     """The official flat `.safetensors` layout: keys `image_proj.*` and `ip_adapter.{1,3,…}.to_{k,v}_ip.weight`."""
-    save_safetensors(adapter, path, dtype=dtype)
+    state = adapter.state_dict()
+    save_safetensors({key: state[name] for name, key in keymap.ip_adapter_file_keys(state).items()}, path, dtype=dtype)
 
 
 def write_manifest(folder: Path) -> Path:

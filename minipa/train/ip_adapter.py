@@ -48,7 +48,7 @@ class IPAdapterTraining(UNetTraining):
         if variant == "decoupled":
             attach_ip_adapter(unet, adapter, scale=1.0)
         else:
-            adapter.ip_adapter.requires_grad_(False)  # unused: the frozen text K/V read the image tokens
+            adapter.layers.requires_grad_(False)  # unused: the frozen text K/V read the image tokens
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         """The shared draw (images, t, ε, u), then which condition each sample drops: image, text, both or none."""

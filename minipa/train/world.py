@@ -20,13 +20,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection, load_image_encoder, load_text_encoder
+from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from minipa.data.shapes import (
-    ShapesDataset, caption_table, clip_pixels, clip_resize, describe_domain, partial_captions, scene_labels, tiny_tokenizer,
+    ShapesDataset,
+    caption_table,
+    clip_pixels,
+    clip_resize,
+    describe_domain,
+    partial_captions,
+    scene_labels,
+    tiny_tokenizer,
 )
 from minipa.ddpm import ScheduleConfig
-from minipa.ip_adapter import IPAdapter
-from minipa.pipeline import image_features, uncond_image_features
+from minipa.ip_adapter import IPAdapter, image_features, uncond_image_features
+from minipa.loading import load_image_encoder, load_text_encoder, load_unet, load_vae
+from minipa.projections import image_projection
 from minipa.tokenizer import load_tokenizer
 from minipa.train import export
 from minipa.train.clip import CLIPTraining, ShapeTraining, retrieval_accuracy
@@ -34,8 +42,8 @@ from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import Schedule, distributed, fit
 from minipa.train.unet import DiffusionData, UNetTraining
 from minipa.train.vae import VAETraining, encode_all, psnr
-from minipa.unet import UNetConfig, load_unet
-from minipa.vae import VAEConfig, load_vae
+from minipa.unet import UNetConfig
+from minipa.vae import VAEConfig
 from minipa.weights import save_safetensors, sha256_of
 
 STAGES = ("clip", "clip_image", "clip_shapes", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
@@ -370,7 +378,9 @@ class World:
         torch.manual_seed(cfg.seed)
         # Plus: the Resampler's defaults (hidden width = D, 4 blocks, heads of 64)
         tokens, resampler = (cfg.ip_plus_tokens, {}) if plus else (cfg.ip_tokens, None)
-        adapter = IPAdapter.for_unet(unet, data.image_embeds.shape[-1], tokens, resampler=resampler, mlp=None if plus else cfg.ip_mlp)
+        E = data.image_embeds.shape[-1]
+        image_proj = image_projection(E, unet.config.cross_attention_dim, tokens, resampler=resampler, mlp=None if plus else cfg.ip_mlp)
+        adapter = IPAdapter.for_unet(unet, E, tokens, image_proj)
         adapter.init_from_text_attention(unet)  # Wk′ ← Wk, Wv′ ← Wv   (paper §3.2.2)
         return IPAdapterTraining(unet, adapter, data, text_drop=cfg.text_drop, variant=variant)
 
@@ -460,7 +470,7 @@ def train_world(config: WorldConfig, out, work, *, stages=STAGES, resume=False, 
 
 def load_plus_adapter(work, pipe):
     """The `ip_plus` experiment's adapter (from a work folder) for `pipe`'s UNet, or None if it has not run."""
-    from minipa.ip_adapter import load_ip_adapter
+    from minipa.loading import load_ip_adapter
 
     path = Path(work) / "ip_plus" / PLUS_FILE
     return load_ip_adapter(path, pipe.unet, dtype=pipe.dtype, device=pipe.device) if path.is_file() else None
@@ -468,7 +478,7 @@ def load_plus_adapter(work, pipe):
 
 def load_concat_projection(work, pipe):
     """The ablation's trained image_proj (from a work folder), or None if that stage has not run."""
-    from minipa.ip_adapter import image_projection, projection_sizes
+    from minipa.keymap import projection_sizes
     from minipa.weights import Checkpoint, WeightsError, load_weights
 
     path = Path(work) / "ablation" / "concat_image_proj.safetensors"
@@ -480,6 +490,6 @@ def load_concat_projection(work, pipe):
                            f"{D}-wide tokens, found {dict(ckpt.shapes)}; run the `ablation` stage again")
     E, N, mlp = sizes
     with torch.device("meta"):
-        proj = image_projection(E, D, N, mlp)
+        proj = image_projection(E, D, N, mlp=mlp)
     load_weights(proj, ckpt, {k: k for k in ckpt.keys()}, family="the concatenation ablation's image_proj")
     return proj.eval()

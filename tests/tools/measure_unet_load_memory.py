@@ -22,7 +22,7 @@ import resource, sys, time
 def peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 import torch
-from minipa.unet import load_unet
+from minipa.loading import load_unet
 before = peak_mib()
 start = time.perf_counter()
 model = load_unet(sys.argv[1])
