@@ -67,12 +67,12 @@ def make_weights(folder: Path, sizes: dict, dtype: torch.dtype) -> dict:
     from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from minipa.tokenizer import CLIPTokenizer as Vocabulary
+    from minipa.loading import load_tokenizer
 
     print(f"creating random weights in {folder} (once)…", flush=True)
     torch.manual_seed(0)
     vocab = folder / "vocab"
-    Vocabulary.from_bpe_gz(HERE.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz").save_pretrained(vocab)
+    load_tokenizer(HERE.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz").save_pretrained(vocab)
     (vocab / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": "<|endoftext|>"}))
     unet = UNet2DConditionModel(**sizes["unet"])
     pipe = StableDiffusionPipeline(

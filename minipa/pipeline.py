@@ -26,10 +26,10 @@ from minipa.ddpm import NoiseSchedule, ScheduleConfig
 from minipa.guidance import check_guidance_scale, classifier_free_guidance
 from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
 from minipa.ip_scale import set_ip_scale
-from minipa.loading import load_image_encoder, load_ip_adapter, load_text_encoder, load_unet, load_vae
+from minipa.loading import load_image_encoder, load_ip_adapter, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minipa.preprocess import preprocess_image
 from minipa.schedulers import make_scheduler
-from minipa.tokenizer import CLIPTokenizer, load_tokenizer
+from minipa.tokenizer import CLIPTokenizer
 from minipa.unet import UNet2DConditionModel, UNetConfig
 from minipa.vae import AutoencoderKL, VAEConfig
 from minipa.weights import TINY_RESTORE_HINT, verify_manifest
@@ -260,7 +260,7 @@ def _load_single_file(model: Path, configs: str | Path | None, load: dict) -> Pi
     read = (lambda sub, cls: None) if configs is None else (lambda sub, cls: read_config(Path(configs) / sub / "config.json", cls))
     return Pipeline(unet=load_unet(model, config=read("unet", UNetConfig), **load), vae=load_vae(model, config=read("vae", VAEConfig), **load),
                     text_encoder=load_text_encoder(model, config=read("text_encoder", CLIPTextConfig), **load),
-                    tokenizer=CLIPTokenizer.from_bpe_gz(WEIGHTS / "bpe_simple_vocab_16e6.txt.gz"), scheduler=make_scheduler("ddim"))
+                    tokenizer=load_tokenizer(WEIGHTS / "bpe_simple_vocab_16e6.txt.gz"), scheduler=make_scheduler("ddim"))
 
 
 def _check_pipeline_class(model: Path, name: str) -> None:

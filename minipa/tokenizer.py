@@ -18,13 +18,12 @@ The path a prompt takes:
             length gets that one, as in transformers).
 
 This reproduces transformers 5's `CLIPTokenizer` (which diffusers calls): like it, no ftfy
-and no HTML unescaping. Files read: a diffusers `tokenizer/` folder (vocab.json + merges.txt)
-or CLIP's original `bpe_simple_vocab_16e6.txt.gz`, from which both are derived.
+and no HTML unescaping. `loading.load_tokenizer` reads the files: a diffusers `tokenizer/` folder
+(vocab.json + merges.txt, or transformers 5's tokenizer.json) or CLIP's original `bpe_simple_vocab_16e6.txt.gz`.
 """
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import unicodedata
@@ -34,8 +33,6 @@ from typing import NamedTuple
 
 import torch
 
-from minipa.config import read_json
-
 START, END = "<|startoftext|>", "<|endoftext|>"
 CONTEXT_LENGTH = 77  # SD 1.5's text encoder has 77 positions
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
@@ -44,9 +41,6 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 WHITESPACE = frozenset("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | frozenset(
     chr(c) for c in range(0x2000, 0x200B)
 )
-# CLIP's merge list is cut so that the vocabulary has 49408 entries:
-# 256 bytes + 256 bytes with "</w>" + 48894 merges + 2 special tokens.
-NUM_MERGES = 49408 - 2 * 256 - 2
 
 
 class TokenizerError(ValueError):
@@ -70,65 +64,6 @@ def bytes_to_unicode() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
 
 
-def vocab_from_bpe_gz(path: str | Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Read CLIP's `bpe_simple_vocab_16e6.txt.gz` and derive (vocab, merges) as SD ships them."""
-    path = Path(path)
-    if not path.is_file():
-        raise TokenizerError(f"{path}: no such file (expected CLIP's bpe_simple_vocab_16e6.txt.gz)")
-    try:
-        lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path}: not a gzip-compressed UTF-8 BPE merge list ({err})") from None
-    merges = [tuple(line.split()) for line in lines[1 : 1 + NUM_MERGES]]  # line 0 is a version header
-    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
-        raise TokenizerError(f"{path}: expected {NUM_MERGES} merges of two symbols after the header line")
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
-    return {token: i for i, token in enumerate(tokens)}, merges
-
-
-def read_context_length(settings_file: Path) -> int:
-    """How many ids a prompt becomes: `model_max_length` in tokenizer_config.json (77 for SD 1.5).
-
-    No file, no such setting, or transformers' "no limit" value (1e30): CLIP's 77."""
-    if not settings_file.is_file():
-        return CONTEXT_LENGTH
-    length = read_json(settings_file, "tokenizer settings").get("model_max_length", CONTEXT_LENGTH)
-    if type(length) in (int, float) and length >= 1e6:
-        return CONTEXT_LENGTH
-    if type(length) is not int or length < 2:  # `type`, not isinstance: true/false are not lengths
-        raise TokenizerError(f"{settings_file}: model_max_length should be a whole number ≥ 2 (room for the start and "
-                             f"end tokens), found {length!r}")
-    return length
-
-
-def _read_vocab_and_merges(folder: Path, vocab_file: Path, merges_file: Path) -> tuple[dict, list[tuple]]:
-    """SD 1.5's layout: vocab.json (token → id) and merges.txt (one symbol pair per line, by rank)."""
-    for f in (vocab_file, merges_file):
-        if not f.is_file():
-            raise TokenizerError(f"{folder}: missing {f.name} (a CLIP tokenizer folder holds vocab.json and merges.txt)")
-    vocab = read_json(vocab_file, "CLIP tokenizer vocabulary (token → id)", error=TokenizerError)
-    lines = merges_file.read_text(encoding="utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
-    bad = [" ".join(m) for m in merges if len(m) != 2]
-    if bad:
-        raise TokenizerError(f"{merges_file}: each line should hold two symbols, found {bad[0]!r}")
-    return vocab, merges
-
-
-def _read_tokenizer_json(path: Path) -> tuple[dict, list[tuple]]:
-    """transformers 5's layout: one tokenizer.json whose `model` holds the vocab and the merges."""
-    try:
-        model = json.loads(path.read_text(encoding="utf-8"))["model"]
-        vocab, merges = model["vocab"], [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise TokenizerError(f"{path}: not a BPE tokenizer.json with model.vocab and model.merges ({err!r})") from None
-    bad = [m for m in merges if len(m) != 2]
-    if not isinstance(vocab, dict) or bad:
-        raise TokenizerError(f"{path}: expected model.vocab as a mapping and model.merges as symbol pairs")
-    return vocab, merges
-
-
 class CLIPTokenizer:
     """Text → CLIP token ids, exactly as SD 1.5's `tokenizer/` does it."""
 
@@ -146,24 +81,7 @@ class CLIPTokenizer:
         self.pad_id = self.end_id  # SD 1.5 pads with <|endoftext|>
         self.cache = {}
 
-    # ---- loading ---------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "CLIPTokenizer":
-        """Read a diffusers/transformers `tokenizer/` folder: vocab.json + merges.txt (as SD 1.5 ships
-        them), or the single tokenizer.json that transformers 5 writes."""
-        folder = Path(folder)
-        vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-        if not vocab_file.exists() and (folder / "tokenizer.json").is_file():
-            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
-        else:
-            vocab, merges = _read_vocab_and_merges(folder, vocab_file, merges_file)
-        return cls(vocab, merges, read_context_length(folder / "tokenizer_config.json"))
-
-    @classmethod
-    def from_bpe_gz(cls, path: str | Path) -> "CLIPTokenizer":
-        """Read CLIP's original `bpe_simple_vocab_16e6.txt.gz`."""
-        return cls(*vocab_from_bpe_gz(path))
-
+    # ---- files: reading them is `loading.load_tokenizer`'s job ------------------------------
     def save_pretrained(self, folder: str | Path) -> None:
         """Write vocab.json + merges.txt in the layout of SD 1.5's `tokenizer/` folder."""
         folder = Path(folder)
@@ -281,17 +199,3 @@ class CLIPTokenizer:
     def __call__(self, text: str | list[str]) -> torch.Tensor:
         """Token ids (B, 77), as SD 1.5 feeds them to its text encoder."""
         return self.tokenize(text).input_ids
-
-
-def load_tokenizer(path: str | Path) -> CLIPTokenizer:
-    """A tokenizer from a `tokenizer/` folder, a model folder holding one, or CLIP's .txt.gz."""
-    path = Path(path)
-    if path.is_file() and path.name.endswith(".gz"):
-        return CLIPTokenizer.from_bpe_gz(path)
-    if path.is_dir() and not (path / "vocab.json").exists() and (path / "tokenizer").is_dir():
-        path = path / "tokenizer"
-    if not path.exists():
-        raise TokenizerError(f"{path}: no such tokenizer folder or file")
-    if not path.is_dir():
-        raise TokenizerError(f"{path}: expected a folder with vocab.json + merges.txt, or a bpe_simple_vocab_*.txt.gz")
-    return CLIPTokenizer.from_pretrained(path)

@@ -93,9 +93,9 @@ SD15_SPECIAL_TOKENS_MAP = {
 
 def write_sd15_tokenizer(folder: Path) -> Path:
     """vocab.json + merges.txt converted from CLIP's .gz by minipa, plus SD 1.5's two config files."""
-    from minipa.tokenizer import CLIPTokenizer
+    from minipa.loading import load_tokenizer
 
-    CLIPTokenizer.from_bpe_gz(BPE_GZ).save_pretrained(folder)
+    load_tokenizer(BPE_GZ).save_pretrained(folder)
     (folder / "tokenizer_config.json").write_text(json.dumps(SD15_TOKENIZER_CONFIG))
     (folder / "special_tokens_map.json").write_text(json.dumps(SD15_SPECIAL_TOKENS_MAP))
     return folder

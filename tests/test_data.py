@@ -10,7 +10,8 @@ from minipa.data.shapes import (
     held_out_combos, render, sample_scene, scene_labels, tiny_tokenizer, to_model_pixels,
 )
 from minipa.preprocess import CLIP_STD, preprocess_image
-from minipa.tokenizer import END, START, load_tokenizer
+from minipa.loading import load_tokenizer
+from minipa.tokenizer import END, START
 
 
 def test_scenes_and_images_are_pure_functions_of_seed_split_and_index():

@@ -26,13 +26,12 @@ import minipa
 from minipa import keymap
 from minipa.cli import main as cli
 from minipa.config import ConfigError, read_config
-from minipa.loading import load_ip_adapter, load_unet
+from minipa.loading import load_ip_adapter, load_tokenizer, load_unet
 from minipa.preprocess import ImageInputError, preprocess_image
-from minipa.tokenizer import CLIPTokenizer
 from minipa.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKENIZER = CLIPTokenizer.from_bpe_gz(ROOT / "weights" / "bpe_simple_vocab_16e6.txt.gz")
+TOKENIZER = load_tokenizer(ROOT / "weights" / "bpe_simple_vocab_16e6.txt.gz")
 
 
 # ─── helpers that build bad files from the tiny world ──────────────────────────────────────────

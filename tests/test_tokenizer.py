@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import write_sd15_tokenizer
-from minipa.tokenizer import CLIPTokenizer, TokenizerError, load_tokenizer, vocab_from_bpe_gz
+from minipa.loading import load_tokenizer, vocab_from_bpe_gz
+from minipa.tokenizer import TokenizerError
 
 BPE_GZ = Path(__file__).resolve().parents[1] / "weights" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -130,7 +131,7 @@ def test_missing_vocab_file_is_a_clear_error(tmp_path, sd_tokenizer_dir):
     with pytest.raises(TokenizerError, match="no such"):
         load_tokenizer(tmp_path / "nowhere")
     with pytest.raises(TokenizerError, match="bpe_simple_vocab"):
-        CLIPTokenizer.from_bpe_gz(tmp_path / "missing.txt.gz")
+        load_tokenizer(tmp_path / "missing.txt.gz")
 
 
 def test_corrupt_tokenizer_files_are_clear_errors(tmp_path):
