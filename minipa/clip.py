@@ -32,47 +32,54 @@ ACTIVATIONS = {
 
 
 @dataclass
-class CLIPTextConfig:
-    vocab_size: int = 49408
+class CLIPTowerConfig:
+    """What both towers share: a pre-LayerNorm transformer encoder (defaults: ViT-L/14's text tower)."""
+
     hidden_size: int = 768
     intermediate_size: int = 3072
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
-    max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    eos_token_id: int = 2  # SD 1.5's file says 2, the legacy value: pool at the highest id (<|endoftext|>)
-    projection_dim: int = 768  # used only by CLIPTextModelWithProjection; kept so configs round-trip
+    projection_dim: int = 768  # the width CLIP's contrastive projection maps a tower's pooled feature to
 
     def __post_init__(self):
-        _check_act(self.hidden_act)
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported (minipa implements {' and '.join(ACTIVATIONS)})")
 
     @classmethod
-    def sd15(cls) -> "CLIPTextConfig":
-        """OpenAI CLIP ViT-L/14's text tower, as in SD 1.5's `text_encoder/`."""
-        return cls()
-
-    @classmethod
-    def tiny(cls) -> "CLIPTextConfig":
-        """Same vocabulary and context, a small transformer: for tests and the tiny world."""
-        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+    def tiny(cls):
+        """The same kind of tower at toy width: for tests."""
+        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
 
 
 @dataclass
-class CLIPVisionConfig:
-    hidden_size: int = 1280
+class CLIPTextConfig(CLIPTowerConfig):
+    vocab_size: int = 49408
+    max_position_embeddings: int = 77
+    eos_token_id: int = 2  # SD 1.5's file says 2, the legacy value: pool at the highest id (<|endoftext|>)
+
+    @classmethod
+    def sd15(cls) -> "CLIPTextConfig":
+        """OpenAI CLIP ViT-L/14's text tower, as in SD 1.5's `text_encoder/` (its projection_dim is used only by
+        CLIPTextModelWithProjection, and kept so that configs round-trip)."""
+        return cls()
+
+
+@dataclass
+class CLIPVisionConfig(CLIPTowerConfig):
+    hidden_size: int = 1280  # the defaults are OpenCLIP ViT-H/14's
     intermediate_size: int = 5120
     num_hidden_layers: int = 32
     num_attention_heads: int = 16
+    hidden_act: str = "gelu"
     image_size: int = 224
     patch_size: int = 14
     num_channels: int = 3
     projection_dim: int = 1024
-    hidden_act: str = "gelu"
-    layer_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        _check_act(self.hidden_act)
+        super().__post_init__()
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
 
@@ -84,20 +91,6 @@ class CLIPVisionConfig:
     def vit_h14(cls) -> "CLIPVisionConfig":
         """OpenCLIP ViT-H/14 (LAION-2B), the image encoder of ip-adapter_sd15."""
         return cls()
-
-    @classmethod
-    def vit_l14(cls) -> "CLIPVisionConfig":
-        """OpenAI CLIP ViT-L/14's image tower (hidden 1024, 24 layers, quick_gelu, projection 768)."""
-        return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, projection_dim=768, hidden_act="quick_gelu")
-
-    @classmethod
-    def tiny(cls) -> "CLIPVisionConfig":
-        return cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-
-
-def _check_act(act: str):
-    if act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={act!r} is not supported (minipa implements {' and '.join(ACTIVATIONS)})")
 
 
 # ─── The shared transformer layer ────────────────────────────────────────────────────────────────
@@ -141,7 +134,7 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig | CLIPVisionConfig):
+    def __init__(self, cfg: CLIPTowerConfig):
         super().__init__()
         self.layers = nn.ModuleList(
             CLIPEncoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
@@ -171,11 +164,19 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPTextTransformer(nn.Module):
+    """Token ids (B, L) → embeddings → encoder with a causal mask → final LayerNorm → (B, L, D)."""
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embeddings(input_ids)  # (B, L, D)
+        L = input_ids.shape[1]
+        causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()  # token i attends to tokens 0..i
+        return self.final_layer_norm(self.encoder(h, causal)[-1])  # (B, L, D)
 
 
 class CLIPTextModel(nn.Module):
@@ -187,13 +188,9 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        tm = self.text_model
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens; the model has {self.config.max_position_embeddings} positions")
-        h = tm.embeddings(input_ids)  # (B, L, D)
-        L = input_ids.shape[1]
-        causal = torch.ones(L, L, dtype=torch.bool, device=h.device).tril()  # token i attends to tokens 0..i
-        return tm.final_layer_norm(tm.encoder(h, causal)[-1])  # (B, L, D)
+        return self.text_model(input_ids)
 
     def end_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B,) where each sequence's <|endoftext|> is: the first one (legacy configs, eos_token_id 2:
@@ -231,12 +228,19 @@ class CLIPVisionEmbeddings(nn.Module):
 
 
 class CLIPVisionTransformer(nn.Module):
+    """Pixels → patch and class embeddings → LayerNorm → encoder (no mask): every hidden state, and the class token
+    after `post_layernorm`."""
+
     def __init__(self, cfg: CLIPVisionConfig):
         super().__init__()
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: transformers' spelling
         self.encoder = CLIPEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        states = self.encoder(self.pre_layrnorm(self.embeddings(pixel_values)))  # num_layers + 1 × (B, 257, D)
+        return self.post_layernorm(states[-1][:, 0]), states  # the class token (B, D), and every hidden state
 
 
 class CLIPVisionModelWithProjection(nn.Module):
@@ -252,8 +256,5 @@ class CLIPVisionModelWithProjection(nn.Module):
         size = self.config.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != (self.config.num_channels, size, size):
             raise ValueError(f"pixel_values should be (B, {self.config.num_channels}, {size}, {size}), got {tuple(pixel_values.shape)}")
-        vm = self.vision_model
-        h = vm.pre_layrnorm(vm.embeddings(pixel_values.to(self.visual_projection.weight.dtype)))  # (B, 257, D)
-        states = vm.encoder(h)
-        pooled = vm.post_layernorm(states[-1][:, 0])  # the class token, (B, D)
+        pooled, states = self.vision_model(pixel_values.to(self.visual_projection.weight.dtype))
         return CLIPVisionOutput(self.visual_projection(pooled), states[-1], tuple(states))

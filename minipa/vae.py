@@ -120,28 +120,19 @@ class MidBlock(nn.Module):
         return self.resnets[1](self.attentions[0](self.resnets[0](x)))
 
 
-class EncoderBlock(nn.Module):  # diffusers' DownEncoderBlock2D
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, downsample: bool):
+class VAEBlock(nn.Module):
+    """One level: resnets, then a 2× resampler — diffusers' DownEncoderBlock2D (`downsamplers`) or UpDecoderBlock2D (`upsamplers`)."""
+
+    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, resample: str | None):
         super().__init__()
         self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers))
-        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
+        self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if resample == "down" else None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if resample == "up" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.downsamplers is None else self.downsamplers[0](x)
-
-
-class DecoderBlock(nn.Module):  # diffusers' UpDecoderBlock2D
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(resnet(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers))
-        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for resnet in self.resnets:
-            x = resnet(x)
-        return x if self.upsamplers is None else self.upsamplers[0](x)
+        for layer in [*self.resnets, *(self.downsamplers or self.upsamplers or [])]:
+            x = layer(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -152,7 +143,7 @@ class Encoder(nn.Module):
         ch, groups, levels = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
-            EncoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, downsample=i < levels - 1) for i in range(levels)
+            VAEBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, "down" if i < levels - 1 else None) for i in range(levels)
         )
         self.mid_block = MidBlock(ch[-1], groups)
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
@@ -175,7 +166,7 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], kernel_size=3, padding=1)
         self.mid_block = MidBlock(ch[0], groups)
         self.up_blocks = nn.ModuleList(
-            DecoderBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, upsample=i < levels - 1) for i in range(levels)
+            VAEBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, "up" if i < levels - 1 else None) for i in range(levels)
         )
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=EPS)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, kernel_size=3, padding=1)
