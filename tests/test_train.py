@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from minipa.data.shapes import ShapesDataset, scene_labels
-from minipa.eval import ClassifierTraining, ShapeClassifier
 from minipa.ip_adapter import IPAdapter
+from minipa.train.classifier import ClassifierTraining, ShapeClassifier
 from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import CheckpointError, Schedule, fit, step_generator
 from minipa.train.unet import DiffusionData
@@ -393,7 +393,7 @@ def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
     its (shape, size) prototype, and a batch split over processes uses the same rows as the whole."""
     from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
     from minipa.data.shapes import caption_table, clip_normalise, clip_resize, scene_labels, tiny_tokenizer
-    from minipa.eval import CHANNEL_ORDERS
+    from minipa.train.classifier import CHANNEL_ORDERS
     from minipa.train.clip import ShapeTraining
     from minipa.train.trainer import local_slice
 

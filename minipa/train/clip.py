@@ -37,7 +37,7 @@ from torch import nn
 
 from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from minipa.data.shapes import clip_normalise, clip_resize
-from minipa.eval import CHANNEL_ORDERS, shuffle_channels
+from minipa.train.classifier import CHANNEL_ORDERS, shuffle_channels
 from minipa.train.trainer import TrainingModule
 
 
@@ -106,7 +106,7 @@ class ShapeTraining(CLIPTraining):
     a linear map reads the shape of held-out combinations at chance (weights/README.md). Here the text
     tower, its projection and τ are frozen, and each batch is the phase-2 loss (each image against every
     caption) plus a share of other images shown with their RGB channels shuffled (the judge's trick,
-    `minipa.eval`) against 8 learned (shape, size) prototypes; those images' colours are no guide to
+    `train/classifier.py`) against 8 learned (shape, size) prototypes; those images' colours are no guide to
     their shape, so the tower has to find the shape in the outline. The text tower, and so the UNet
     trained on it, are what phase 2 left; only the image encoder (and the adapter on top of it) change.
     """

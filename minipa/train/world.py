@@ -37,6 +37,7 @@ from minipa.loading import load_image_encoder, load_text_encoder, load_unet, loa
 from minipa.projections import image_projection
 from minipa.tokenizer import load_tokenizer
 from minipa.train import export
+from minipa.train.classifier import ClassifierTraining, ShapeClassifier, classifier_accuracy
 from minipa.train.clip import CLIPTraining, ShapeTraining, retrieval_accuracy
 from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import Schedule, distributed, fit
@@ -408,8 +409,6 @@ class World:
         return self._finish("ip_plus", result, {"text_drop": self.config.text_drop, "tokens": self.config.ip_plus_tokens})
 
     def stage_classifier(self) -> dict:
-        from minipa.eval import ClassifierTraining, ShapeClassifier, classifier_accuracy
-
         cfg = self.config
         torch.manual_seed(cfg.seed)
         module = ClassifierTraining(ShapeClassifier(), self.train_set["images"], scene_labels(self.train_set["scenes"]))
