@@ -8,9 +8,28 @@ test proves each table covers every key of the full-size models.
 from __future__ import annotations
 
 
+def place(file_keys, rule, prefix: str = "") -> tuple[dict[str, str], list[str]]:
+    """Apply a key rule to a file: (names: minipa parameter name → file key, unmatched file keys).
+
+    Keys outside `prefix` belong to other models of a single-file checkpoint and are skipped; `rule(key)`
+    (prefix removed) gives the parameter name, or None. A key no rule places, or a second key for the
+    same parameter, is unmatched: the loader reports both.
+    """
+    names, unmatched = {}, []
+    for key in file_keys:
+        if not key.startswith(prefix):
+            continue
+        name = rule(key[len(prefix):])
+        if name is None or name in names:
+            unmatched.append(key)
+        else:
+            names[name] = key
+    return names, unmatched
+
+
 def identity(file_keys) -> tuple[dict[str, str], list[str]]:
     """diffusers and transformers files: every file key is minipa's parameter name."""
-    return {key: key for key in file_keys}, []
+    return place(file_keys, lambda key: key)
 
 
 # ─── UNet: original LDM single-file checkpoint ↔ diffusers / minipa ─────────────────────────────
@@ -96,16 +115,7 @@ def ldm_unet_names(
     unmatched lists the UNet keys (those under `prefix`) no rule could place. Keys outside `prefix`
     (the VAE, the text encoder, EMA copies, schedule buffers) belong to other models and are skipped.
     """
-    names, unmatched = {}, []
-    for file_key in file_keys:
-        if not file_key.startswith(prefix):
-            continue
-        name = _ldm_unet_key_to_diffusers(file_key[len(prefix):], layers_per_block)
-        if name is None or name in names:
-            unmatched.append(file_key)
-        else:
-            names[name] = file_key
-    return names, unmatched
+    return place(file_keys, lambda key: _ldm_unet_key_to_diffusers(key, layers_per_block), prefix)
 
 
 def unet_names(file_keys, layers_per_block: int = 2) -> tuple[dict[str, str], list[str]]:
@@ -223,21 +233,10 @@ def clip_text_names(file_keys) -> tuple[dict[str, str], list[str]]:
     keys under `cond_stage_model.transformer.` are the text encoder's; the rest are skipped.
     """
     file_keys = list(file_keys)
-    ldm = any(k.startswith(LDM_TEXT_PREFIX) for k in file_keys)
-    names, unmatched = {}, []
-    for key in file_keys:
-        if ldm and not key.startswith(LDM_TEXT_PREFIX):
-            continue  # the UNet, VAE, … of a single-file checkpoint
-        name = key[len(LDM_TEXT_PREFIX):] if ldm else key
-        if name.startswith(_CLIP_TEXT_FLAT):
-            name = "text_model." + name
-        if name in _CLIP_SKIPPED_BUFFERS:
-            continue
-        if name in names:
-            unmatched.append(key)  # the same parameter twice (e.g. with and without the prefix)
-        else:
-            names[name] = key
-    return names, unmatched
+    prefix = LDM_TEXT_PREFIX if any(k.startswith(LDM_TEXT_PREFIX) for k in file_keys) else ""
+    rule = lambda key: "text_model." + key if key.startswith(_CLIP_TEXT_FLAT) else key  # noqa: E731
+    kept = [k for k in file_keys if rule(k.removeprefix(prefix)) not in _CLIP_SKIPPED_BUFFERS]  # a constant, not a weight
+    return place(kept, rule, prefix)
 
 
 def clip_text_ldm_keys(names) -> dict[str, str]:
@@ -247,7 +246,7 @@ def clip_text_ldm_keys(names) -> dict[str, str]:
 
 def clip_vision_names(file_keys) -> tuple[dict[str, str], list[str]]:
     """Place the keys of a transformers CLIPVisionModelWithProjection file (identity, minus position_ids)."""
-    return {key: key for key in file_keys if key not in _CLIP_SKIPPED_BUFFERS}, []
+    return identity(k for k in file_keys if k not in _CLIP_SKIPPED_BUFFERS)
 
 
 def _clip_size(shapes: dict[str, tuple], width_key: str, layer_key: str) -> str:
@@ -310,16 +309,7 @@ def ldm_vae_names(file_keys, levels: int = 4, prefix: str | None = None) -> tupl
     file_keys = list(file_keys)
     if prefix is None:
         prefix = LDM_VAE_PREFIX if any(k.startswith(LDM_VAE_PREFIX) for k in file_keys) else ""
-    names, unmatched = {}, []
-    for key in file_keys:
-        if not key.startswith(prefix):
-            continue
-        name = _renumber_levels(_rename_pieces(key[len(prefix):], _LDM_VAE_RENAMES), levels, to_diffusers=True)
-        if name in names:
-            unmatched.append(key)
-        else:
-            names[name] = key
-    return names, unmatched
+    return place(file_keys, lambda key: _renumber_levels(_rename_pieces(key, _LDM_VAE_RENAMES), levels, to_diffusers=True), prefix)
 
 
 def ldm_vae_keys(names, levels: int = 4, prefix: str = LDM_VAE_PREFIX) -> dict[str, str]:
@@ -334,8 +324,7 @@ def ldm_vae_keys(names, levels: int = 4, prefix: str = LDM_VAE_PREFIX) -> dict[s
 
 def ip_adapter_names(file_keys) -> tuple[dict[str, str], list[str]]:
     """(names: minipa IPAdapter parameter → official file key, unmatched file keys): `ip_adapter.{i}.…` ↔ `layers.{i}.…`."""
-    names = {_swap_prefix(k, {"ip_adapter": "layers", "image_proj": "image_proj"}): k for k in file_keys}
-    return {name: k for name, k in names.items() if name is not None}, [k for name, k in names.items() if name is None]
+    return place(file_keys, lambda key: _swap_prefix(key, {"ip_adapter": "layers", "image_proj": "image_proj"}))
 
 
 def ip_adapter_file_keys(names) -> dict[str, str]:
