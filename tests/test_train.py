@@ -147,8 +147,7 @@ def test_unet_batches_mix_full_partial_and_empty_captions(smoke_world):
     """10% empty captions (for CFG), 10% partial ones (the shape alone or the background alone), and
     each partial row's text tokens are the text encoder's output for that image's partial caption."""
     from minipa.data.shapes import partial_captions
-    from minipa.loading import load_text_encoder
-    from minipa.tokenizer import load_tokenizer
+    from minipa.loading import load_text_encoder, load_tokenizer
     from minipa.train.unet import UNetTraining
     from minipa.train.world import World
 

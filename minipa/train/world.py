@@ -33,9 +33,8 @@ from minipa.data.shapes import (
 )
 from minipa.ddpm import ScheduleConfig
 from minipa.ip_adapter import IPAdapter, image_features, uncond_image_features
-from minipa.loading import load_image_encoder, load_text_encoder, load_unet, load_vae
+from minipa.loading import load_image_encoder, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minipa.projections import image_projection
-from minipa.tokenizer import load_tokenizer
 from minipa.train import export
 from minipa.train.classifier import ClassifierTraining, ShapeClassifier, classifier_accuracy
 from minipa.train.clip import CLIPTraining, ShapeTraining, retrieval_accuracy
