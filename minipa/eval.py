@@ -16,6 +16,7 @@ spent on concatenating image tokens to the text tokens in the frozen cross-atten
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +25,13 @@ import torch.nn.functional as F
 
 from minipa.data.shapes import BACKGROUNDS, ShapesDataset, clip_pixels, scene_labels, to_model_pixels
 from minipa.ddim import DDIMScheduler
-from minipa.guidance import classifier_free_guidance
 from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
 from minipa.ip_scale import set_ip_scale
+from minipa.pipeline import decode_latents, denoise, to_uint8
 from minipa.train.classifier import ShapeClassifier, classify
+
+FIDELITY = ("shape", "colour", "background")  # what a prompt asks for; "fidelity" = all three right
+
 
 # ─── generation for evaluation: many different prompts in one batch ─────────────────────────────
 
@@ -35,26 +39,32 @@ from minipa.train.classifier import ShapeClassifier, classify
 @torch.no_grad()
 def sample(pipe, context: torch.Tensor, uncond_context: torch.Tensor, *, image_tokens=None, uncond_image_tokens=None,
            concat: bool = False, guidance: float = 5.0, steps: int = 25, seed: int = 0) -> torch.Tensor:
-    """DDIM + CFG (paper eq. 2) with a different condition per row → (B, 64, 64, 3) uint8.
+    """DDIM + CFG (paper eq. 2) with a different condition per row → (B, 64, 64, 3) uint8, through the
+    pipeline's own loop (`denoise`) and decode.
 
     context/uncond_context: (B, 77, D) text tokens; image_tokens/uncond_image_tokens: (B, N, D) or None.
     concat=True appends the image tokens to the text tokens (the ablation) instead of the image branch.
     """
-    B = len(context)
-    size = pipe.unet.config.sample_size
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((B, pipe.unet.config.in_channels, size, size), generator=generator)
+    size = pipe.unet.config.sample_size
+    x = torch.randn((len(context), pipe.unet.config.in_channels, size, size), generator=generator)  # x_T
     scheduler = DDIMScheduler(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
-    both_context = torch.cat([uncond_context, context])
-    tokens = None if image_tokens is None else torch.cat([uncond_image_tokens, image_tokens])
-    if concat and tokens is not None:
-        both_context, tokens = torch.cat([both_context, tokens], dim=1), None
-    for t in scheduler.timesteps:
-        eps_uncond, eps_cond = pipe.unet(torch.cat([x, x]), t, both_context, image_tokens=tokens).chunk(2)
-        x = scheduler.step(classifier_free_guidance(eps_uncond, eps_cond, guidance), t, x).prev_sample  # ε̂ = ε_u + w·(ε_c − ε_u)
-    pixels = pipe.vae.decode(x / pipe.vae.config.scaling_factor)
-    return ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    if concat and image_tokens is not None:  # the ablation: (B, 77 + N, D), read by the frozen text cross-attention
+        context, uncond_context = torch.cat([context, image_tokens], dim=1), torch.cat([uncond_context, uncond_image_tokens], dim=1)
+        image_tokens = uncond_image_tokens = None
+    if guidance != 1:  # [unconditional; conditional] rows, as `denoise` reads them (w = 1: the conditional rows alone)
+        context = torch.cat([uncond_context, context])
+        image_tokens = None if image_tokens is None else torch.cat([uncond_image_tokens, image_tokens])
+    x = denoise(pipe.unet, scheduler, x, context, image_tokens, guidance_scale=guidance, generator=generator)
+    return to_uint8(decode_latents(pipe.vae, x))
+
+
+@torch.no_grad()
+def vae_reconstruction(pipe, images: torch.Tensor) -> torch.Tensor:
+    """(B, 64, 64, 3) uint8 → the same images through the VAE (encode, the posterior's mode, decode), uint8."""
+    z = pipe.vae.encode(to_model_pixels(images).to(pipe.dtype)).mode()  # (B, 4, 8, 8)
+    return to_uint8(decode_latents(pipe.vae, z * pipe.vae.config.scaling_factor))  # the latents as the UNet sees them: z·s
 
 
 class Judge:
@@ -79,11 +89,58 @@ class Judge:
         pooled = self.pipe.text_encoder.pool(ids, self.pipe.text_encoder(ids))
         return F.normalize(pooled.float() @ self.text_projection.T, dim=-1)
 
-    def match(self, images: torch.Tensor, wanted: dict[str, torch.Tensor], keys=("shape", "colour", "background")) -> dict:
+    def clip_t(self, images: torch.Tensor, captions: list[str]) -> float:
+        """CLIP-T: the mean cosine between each generated image and its caption."""
+        return float((self.image_embeds(images) * self.text_embeds(captions)).sum(-1).mean())
+
+    def clip_i(self, images: torch.Tensor, prompt_images: torch.Tensor) -> float:
+        """CLIP-I: the mean cosine between each generated image and its image prompt."""
+        return float((self.image_embeds(images) * self.image_embeds(prompt_images)).sum(-1).mean())
+
+    def match(self, images: torch.Tensor, wanted: dict[str, torch.Tensor], keys=FIDELITY) -> dict:
         predicted = classify(self.classifier, images)
         hits = {k: (predicted[k] == wanted[k]) for k in wanted}
         all_hit = torch.stack([hits[k] for k in keys]).all(dim=0)
         return {"all": float(all_hit.float().mean()), **{k: float(v.float().mean()) for k, v in hits.items()}}
+
+
+# ─── the table, row by row ──────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class Evaluation:
+    """What every row shares: the pipeline, the judge, n prompts per row, and the sampler's settings."""
+
+    pipe: object
+    judge: Judge
+    n: int
+    guidance: float
+    steps: int
+    seed: int
+    empty: torch.Tensor = field(init=False)  # (n, 77, D): the empty prompt, the unconditional branch of every row
+
+    def __post_init__(self):
+        self.empty = self.pipe.encode_prompt([""] * self.n)
+
+    def generate(self, context: torch.Tensor, guidance: float | None = None, **image_condition) -> torch.Tensor:
+        """`sample` with this evaluation's settings → (n, 64, 64, 3) uint8."""
+        return sample(self.pipe, context, self.empty, guidance=self.guidance if guidance is None else guidance,
+                      steps=self.steps, seed=self.seed, **image_condition)
+
+    def image_prompted(self, split: str, project, concat: bool = False, scale: float = 1.0, texts=None,
+                       plus: bool = False) -> dict:
+        """Generate from n image prompts of `split`: their tokens `project(features)`, with λ = `scale`
+        (not for `concat`), and the text `texts(scenes)` or the empty prompt. → scenes, images, prompt_images."""
+        pipe = self.pipe
+        data = ShapesDataset(split, self.n, self.seed + 1)
+        scenes, prompt_images = data.scenes(), data.images()
+        embeds = image_features(pipe.image_encoder, clip_pixels(prompt_images).to(pipe.dtype), plus)
+        tokens, uncond_tokens = project(embeds), project(uncond_image_features(pipe.image_encoder, embeds, plus))
+        if not concat:
+            set_ip_scale(pipe.unet, scale)
+        context = self.empty if texts is None else pipe.encode_prompt(texts(scenes))
+        images = self.generate(context, image_tokens=tokens, uncond_image_tokens=uncond_tokens, concat=concat)
+        return {"scenes": scenes, "images": images, "prompt_images": prompt_images}
 
 
 @torch.no_grad()
@@ -91,87 +148,88 @@ def evaluate(pipe, eval_file, *, n: int = 64, guidance: float = 5.0, steps: int 
              plus_adapter=None) -> dict:
     """The table: every row measured on n held-out prompts or images. Returns a JSON-able dict.
     `concat_proj` (the ablation's image_proj) and `plus_adapter` (an IP-Adapter Plus) add image-prompt rows."""
-    judge = Judge(pipe, eval_file)
-    adapter = pipe.ip_adapter
-    empty = pipe.encode_prompt([""] * n)
-    rows = {}
-
-    def image_prompt_row(split: str, project, concat=False, scale=1.0, texts=None, plus=False) -> dict:
-        data = ShapesDataset(split, n, seed + 1)
-        scenes, prompt_images = data.scenes(), data.images()
-        embeds = image_features(pipe.image_encoder, clip_pixels(prompt_images).to(pipe.dtype), plus)
-        tokens, uncond_tokens = project(embeds), project(uncond_image_features(pipe.image_encoder, embeds, plus))
-        if not concat:
-            set_ip_scale(pipe.unet, scale)
-        context = empty if texts is None else pipe.encode_prompt(texts(scenes))
-        images = sample(pipe, context, empty, image_tokens=tokens, uncond_image_tokens=uncond_tokens, concat=concat,
-                        guidance=guidance, steps=steps, seed=seed)
-        return {"scenes": scenes, "images": images, "prompt_images": prompt_images}
-
-    # text → image, held-out combinations
-    data = ShapesDataset("heldout", n, seed + 2)
-    scenes = data.scenes()
-    prompts = [s.caption for s in scenes]
-    if adapter is not None:
-        set_ip_scale(pipe.unet, 0.0)  # λ = 0: plain SD
-    images = sample(pipe, pipe.encode_prompt(prompts), empty, guidance=guidance, steps=steps, seed=seed)
-    labels = scene_labels(scenes)
-    rows["text_to_image_heldout"] = {**judge.match(images, labels),
-                                     "clip_t": float((judge.image_embeds(images) * judge.text_embeds(prompts)).sum(-1).mean())}
-    rows["_examples"] = {"text_to_image": images[:8]}
-
-    if adapter is not None:
-        variants = {"ip_adapter": (adapter, False)}
+    run = Evaluation(pipe, Judge(pipe, eval_file), n, guidance, steps, seed)
+    rows = text_to_image_rows(run)
+    if pipe.ip_adapter is not None:
+        variants = {"ip_adapter": (pipe.ip_adapter, False)}
         if concat_proj is not None:
             variants["concat_ablation"] = (concat_proj, True)
         if plus_adapter is not None:
             variants["ip_adapter_plus"] = (plus_adapter, False)
-        for name, (project, concat) in variants.items():
-            plus = isinstance(project, IPAdapter) and project.plus
-            if isinstance(project, IPAdapter):
-                attach_ip_adapter(pipe.unet, project)  # its own image branch (the UNet's weights stay shared)
-                project = project.image_tokens
-            for split in ("test", "heldout"):
-                r = image_prompt_row(split, project, concat, plus=plus)
-                labels = scene_labels(r["scenes"])
-                match = judge.match(r["images"], labels)
-                clip_i = float((judge.image_embeds(r["images"]) * judge.image_embeds(r["prompt_images"])).sum(-1).mean())
-                clip_t = float((judge.image_embeds(r["images"]) * judge.text_embeds([s.caption for s in r["scenes"]])).sum(-1).mean())
-                rows[f"{name}_image_only_{split}"] = {**match, "clip_i": clip_i, "clip_t": clip_t}
-                if name == "ip_adapter" and split == "test":
-                    rows["_examples"]["image_only"] = r["images"][:8]
-                    rows["_examples"]["image_prompts"] = r["prompt_images"][:8]
+        image_rows, examples = image_prompt_rows(run, variants)
+        rows.update(image_rows)
+        rows["_examples"].update(examples)
+        rows["text_plus_image_0.5"] = text_plus_image_row(run)
+    rows.update(reference_rows(run))
+    return rows
 
-        attach_ip_adapter(pipe.unet, adapter)  # the pipeline's own adapter again
 
-        # text + image, λ = 0.5: shape and colour from the image, background from the text
-        def other_background(scenes):  # the next background in palette order that is neither the image's nor its shape's colour
-            new = [next(b for b in BACKGROUNDS[i + 1 :] + BACKGROUNDS[: i + 1] if b not in (s.background, s.colour))
-                   for s, i in ((s, BACKGROUNDS.index(s.background)) for s in scenes)]
-            return [f"on a {b} background" for b in new]
+def text_to_image_rows(run: Evaluation) -> dict:
+    """Text → image on held-out combinations, with λ = 0 (plain SD): fidelity and CLIP-T; 8 examples."""
+    scenes = ShapesDataset("heldout", run.n, run.seed + 2).scenes()
+    prompts = [s.caption for s in scenes]
+    if run.pipe.ip_adapter is not None:
+        set_ip_scale(run.pipe.unet, 0.0)  # λ = 0: plain SD
+    images = run.generate(run.pipe.encode_prompt(prompts))
+    row = {**run.judge.match(images, scene_labels(scenes)), "clip_t": run.judge.clip_t(images, prompts)}
+    return {"text_to_image_heldout": row, "_examples": {"text_to_image": images[:8]}}
 
-        r = image_prompt_row("test", adapter.image_tokens, scale=0.5, texts=other_background)
-        wanted = scene_labels(r["scenes"])
-        wanted["background"] = torch.tensor([BACKGROUNDS.index(t.split()[2]) for t in other_background(r["scenes"])])
-        rows["text_plus_image_0.5"] = judge.match(r["images"], {k: wanted[k] for k in ("shape", "colour", "background")})
-        set_ip_scale(pipe.unet, 1.0)
 
-    # reference rows: the caption itself (text only) on the same held-out test images, and no condition at all
-    data = ShapesDataset("test", n, seed + 1)
-    scenes = data.scenes()
-    # the ceiling the VAE sets: real test images, encoded and decoded, judged like generated ones
-    decoded = pipe.vae.decode(pipe.vae.encode(to_model_pixels(data.images()).to(pipe.dtype)).mode())
-    decoded = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    rows["vae_reconstruction_test"] = judge.match(decoded, scene_labels(scenes))
+def image_prompt_rows(run: Evaluation, variants: dict) -> tuple[dict, dict]:
+    """Image prompt only (empty text, λ = 1) on test and held-out images, for each variant name → (image_proj
+    or IPAdapter, concat). An IPAdapter brings its own image branch (the UNet's weights stay shared); the
+    pipeline's own adapter is attached again at the end. → (rows, examples)."""
+    rows, examples = {}, {}
+    for name, (project, concat) in variants.items():
+        plus = isinstance(project, IPAdapter) and project.plus
+        if isinstance(project, IPAdapter):
+            attach_ip_adapter(run.pipe.unet, project)
+            project = project.image_tokens
+        for split in ("test", "heldout"):
+            r = run.image_prompted(split, project, concat, plus=plus)
+            images, scenes = r["images"], r["scenes"]
+            rows[f"{name}_image_only_{split}"] = {**run.judge.match(images, scene_labels(scenes)),
+                                                  "clip_i": run.judge.clip_i(images, r["prompt_images"]),
+                                                  "clip_t": run.judge.clip_t(images, [s.caption for s in scenes])}
+            if name == "ip_adapter" and split == "test":
+                examples = {"image_only": images[:8], "image_prompts": r["prompt_images"][:8]}
+    attach_ip_adapter(run.pipe.unet, run.pipe.ip_adapter)
+    return rows, examples
+
+
+def other_backgrounds(scenes) -> list[str]:
+    """For each scene, the next background in palette order that is neither its background nor its shape's colour."""
+    new = [next(b for b in BACKGROUNDS[i + 1 :] + BACKGROUNDS[: i + 1] if b not in (s.background, s.colour))
+           for s, i in ((s, BACKGROUNDS.index(s.background)) for s in scenes)]
+    return [f"on a {b} background" for b in new]
+
+
+def text_plus_image_row(run: Evaluation) -> dict:
+    """Text + image, λ = 0.5: shape and colour from the image prompt, the background from the text (another one)."""
+    r = run.image_prompted("test", run.pipe.ip_adapter.image_tokens, scale=0.5, texts=other_backgrounds)
+    wanted = scene_labels(r["scenes"])
+    wanted["background"] = torch.tensor([BACKGROUNDS.index(t.split()[2]) for t in other_backgrounds(r["scenes"])])
+    row = run.judge.match(r["images"], {k: wanted[k] for k in FIDELITY})
+    set_ip_scale(run.pipe.unet, 1.0)
+    return row
+
+
+def reference_rows(run: Evaluation) -> dict:
+    """What the other rows compare with, on the test images: the ceiling the VAE sets (real images encoded and
+    decoded, judged like generated ones), the caption itself (text only, λ = 0), and no condition at all."""
+    data = ShapesDataset("test", run.n, run.seed + 1)
+    scenes, real = data.scenes(), data.images()
+    labels = scene_labels(scenes)
+    rows = {"vae_reconstruction_test": run.judge.match(vae_reconstruction(run.pipe, real), labels)}
+    adapter = run.pipe.ip_adapter
     if adapter is not None:
-        set_ip_scale(pipe.unet, 0.0)
-    images = sample(pipe, pipe.encode_prompt([s.caption for s in scenes]), empty, guidance=guidance, steps=steps, seed=seed)
-    clip_i = float((judge.image_embeds(images) * judge.image_embeds(data.images())).sum(-1).mean())
-    rows["text_only_reference_test"] = {**judge.match(images, scene_labels(scenes)), "clip_i": clip_i}
-    images = sample(pipe, empty, empty, guidance=1.0, steps=steps, seed=seed)
-    rows["unconditional_test"] = judge.match(images, scene_labels(scenes))
+        set_ip_scale(run.pipe.unet, 0.0)
+    images = run.generate(run.pipe.encode_prompt([s.caption for s in scenes]))
+    rows["text_only_reference_test"] = {**run.judge.match(images, labels), "clip_i": run.judge.clip_i(images, real)}
+    images = run.generate(run.empty, guidance=1.0)
+    rows["unconditional_test"] = run.judge.match(images, labels)
     if adapter is not None:
-        set_ip_scale(pipe.unet, 1.0)
+        set_ip_scale(run.pipe.unet, 1.0)
     return rows
 
 
