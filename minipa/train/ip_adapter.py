@@ -38,9 +38,7 @@ class IPAdapterTraining(UNetTraining):
             raise ValueError("IP-Adapter training needs DiffusionData.image_embeds")
         if image_drop + text_drop + both_drop > 1:
             raise ValueError(f"drop rates add up to more than 1: {image_drop} + {text_drop} + {both_drop}")
-        super().__init__(unet, data)
-        self.adapter = adapter  # registered before the UNet's shared to_k_ip/to_v_ip: parameters are named adapter.*
-        self._modules["unet"] = self._modules.pop("unet")  # (dicts keep insertion order)
+        super().__init__(unet, data, adapter=adapter)  # the adapter owns Wk′/Wv′, shared with the UNet: named adapter.*
         self.rates = (image_drop, text_drop, both_drop)
         self.variant = variant
         unet.requires_grad_(False)

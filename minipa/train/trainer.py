@@ -54,7 +54,17 @@ class Schedule:
 
 
 class TrainingModule(nn.Module):
-    """What a stage provides: the loss of a batch, and how to draw one."""
+    """What a stage provides: the loss of a batch, and how to draw one.
+
+    Checkpoints, the EMA and the optimizer know each parameter by its name in `named_parameters()`, where a
+    parameter that two parts hold is named after the part registered first. `owners` are registered before
+    anything else, so that shared parameters carry their owner's name: the IP-Adapter's Wk′/Wv′, which the
+    UNet's attention layers also hold, are `adapter.*`."""
+
+    def __init__(self, **owners: nn.Module):
+        super().__init__()
+        for name, part in owners.items():
+            self.add_module(name, part)
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError

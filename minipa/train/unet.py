@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from minipa.ddpm import NoiseSchedule, add_noise, diffusion_loss
 from minipa.train.trainer import TrainingModule
@@ -48,8 +49,9 @@ class DiffusionData:
 
 class UNetTraining(TrainingModule):
     def __init__(self, unet: UNet2DConditionModel, data: DiffusionData, empty_caption_rate: float = EMPTY_CAPTION_RATE,
-                 partial_caption_rate: float = PARTIAL_CAPTION_RATE):
-        super().__init__()
+                 partial_caption_rate: float = PARTIAL_CAPTION_RATE, **owners: nn.Module):
+        """`owners`: modules registered before the UNet, that own parameters it shares (see `TrainingModule`)."""
+        super().__init__(**owners)
         if empty_caption_rate + partial_caption_rate > 1:
             raise ValueError(f"caption rates add up to more than 1: empty {empty_caption_rate} + partial {partial_caption_rate}")
         self.unet, self.data = unet, data
