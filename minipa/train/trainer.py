@@ -148,26 +148,11 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
     """
     rank, world = distributed()
     checkpoint = Path(checkpoint)
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and norms
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=schedule.lr, betas=(0.9, 0.999),
-    )
-    ema = trainable_state(module)
-    start, losses, seconds = 0, [], 0.0
+    optimizer = make_optimizer(module, schedule)
+    ema, start, losses, seconds = trainable_state(module), 0, [], 0.0
     if resume and checkpoint.is_file():
-        state = _load_checkpoint(checkpoint, schedule, name)
-        if set(state["model"]) != set(ema):
-            raise CheckpointError(f"{checkpoint}: its parameters are not those of stage {name!r}")
-        load_trainable(module, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema, start, losses, seconds = state["ema"], state["step"], state["losses"], state["seconds"]
-
-    model = module
-    if world > 1:
-        model = _data_parallel(module)
+        ema, start, losses, seconds = _resume(module, optimizer, checkpoint, schedule, name)
+    model = _data_parallel(module) if world > 1 else module
 
     def save(step: int):
         if rank == 0:
@@ -178,13 +163,7 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
     began = time.perf_counter() - seconds
     try:
         for step in range(start, schedule.steps):
-            batch = local_slice(module.batch(step_generator(schedule.seed, step), schedule.batch_size), rank, world)
-            for group in optimizer.param_groups:
-                group["lr"] = schedule.lr_at(step)
-            loss = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = _train_step(model, module, optimizer, schedule, step, rank, world)
             _update_ema(ema, module, schedule.ema)
             losses.append(_global_mean(loss.detach(), world))
             seconds = time.perf_counter() - began
@@ -200,6 +179,41 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
     bar.close()
     load_trainable(module, ema)
     return {"losses": losses, "seconds": seconds, "ema": ema}
+
+
+def make_optimizer(module: nn.Module, schedule: Schedule) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad, with weight decay on the weight matrices only."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases and norms
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": schedule.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=schedule.lr, betas=(0.9, 0.999),
+    )
+
+
+def _resume(module: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path, schedule: Schedule,
+            name: str) -> tuple[dict, int, list, float]:
+    """Load `checkpoint` into `module` and `optimizer`; → (ema, step, losses, seconds) to continue from."""
+    state = _load_checkpoint(checkpoint, schedule, name)
+    if set(state["model"]) != {n for n, p in module.named_parameters() if p.requires_grad}:
+        raise CheckpointError(f"{checkpoint}: its parameters are not those of stage {name!r}")
+    load_trainable(module, state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["ema"], state["step"], state["losses"], state["seconds"]
+
+
+def _train_step(model: nn.Module, module: TrainingModule, optimizer: torch.optim.Optimizer, schedule: Schedule,
+                step: int, rank: int, world: int) -> torch.Tensor:
+    """One optimizer step on this process's slice of step `step`'s global batch; returns the slice's loss."""
+    batch = local_slice(module.batch(step_generator(schedule.seed, step), schedule.batch_size), rank, world)
+    for group in optimizer.param_groups:
+        group["lr"] = schedule.lr_at(step)
+    loss = model(batch)  # `model`: `module`, or its DistributedDataParallel wrapper
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def _data_parallel(module: nn.Module) -> nn.Module:
