@@ -202,12 +202,9 @@ class World:
         _init_clip(module)
         result = self._fit("clip", module, cfg.clip_schedule)
         metrics = self._clip_metrics(module, tokenizer)
+        self._export_clip("clip", module)
         if self.rank == 0:
-            export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
-            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
             export.save_tokenizer(tokenizer, self.out / "tokenizer")
-            save_safetensors({"text_projection.weight": module.text_projection.weight,
-                              "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / "clip" / "projection.safetensors")
         return self._finish("clip", result, metrics)
 
     def stage_clip_image(self) -> dict:
@@ -217,11 +214,7 @@ class World:
         module.contrast_with_every_caption()
         result = self._fit("clip_image", module, cfg.clip_image_schedule)
         metrics = self._clip_metrics(module, tokenizer)
-        if self.rank == 0:
-            export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
-            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
-            save_safetensors({"text_projection.weight": module.text_projection.weight,
-                              "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / "clip_image" / "projection.safetensors")
+        self._export_clip("clip_image", module)
         return self._finish("clip_image", result, metrics)
 
     def stage_clip_shapes(self) -> dict:
@@ -236,6 +229,15 @@ class World:
         if self.rank == 0:
             export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
         return self._finish("clip_shapes", result, metrics)
+
+    def _export_clip(self, stage: str, module: CLIPTraining) -> None:
+        """Both towers to --out, in transformers' format; the text projection and τ, which SD's files do not
+        hold, to --work/<stage>/projection.safetensors (the next CLIP stage and the judge read them there)."""
+        if self.rank == 0:
+            export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
+            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
+            save_safetensors({"text_projection.weight": module.text_projection.weight,
+                              "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / stage / "projection.safetensors")
 
     def _clip_from_out(self, cls, tokenizer, stage: str, **kwargs) -> CLIPTraining:
         """A CLIP training module on the towers in --out, with the text projection and τ that `stage` left
