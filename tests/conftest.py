@@ -146,9 +146,10 @@ def random_ip_adapter_mlp_state(unet_config: dict, image_embed_dim: int, mult: i
     return state
 
 
-def random_ip_adapter_plus_state(unet_config: dict, hidden_size: int, width: int = 64, num_tokens: int = 16, seed: int = 0) -> dict:
+def random_ip_adapter_plus_state(unet_config: dict, hidden_size: int, width: int = 128, num_tokens: int = 16, seed: int = 0) -> dict:
     """An IP-Adapter Plus state dict in the official flat naming (the Resampler of ip-adapter-plus_sd15:
-    4 blocks, heads 64 wide, feed-forward ×4), random weights; `width` is the Resampler's own width."""
+    4 blocks, heads 64 wide, feed-forward ×4), random weights; `width` is the Resampler's own width
+    (128 by default: two heads, so that a bug in splitting the heads shows)."""
     g = torch.Generator().manual_seed(seed)
     D = unet_config["cross_attention_dim"]
     rand = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
@@ -197,13 +198,13 @@ def tiny_world(tmp_path_factory):
         image_encoder=None,
         requires_safety_checker=False,
     )
-    _perturb_norms(pipe.unet)
-    _perturb_norms(pipe.vae)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        randomize(part)
     model = root / "sd"
     pipe.save_pretrained(model)
 
     encoder = root / "ip" / "image_encoder"
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION)).save_pretrained(encoder)
+    randomize(CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_VISION))).save_pretrained(encoder)
     state = random_ip_adapter_state(TINY_UNET, TINY_VISION["projection_dim"])
     save_file(state, root / "ip" / "ip-adapter.safetensors")
     save_nested(state, root / "ip" / "ip-adapter.bin")
@@ -221,12 +222,33 @@ def tiny_world(tmp_path_factory):
 
 
 @torch.no_grad()
-def _perturb_norms(model):
-    """Random init leaves norms at 1/0 and zero-initialised outputs; perturb so every weight matters."""
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if "norm" in name or p.abs().max() == 0:
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 1, spread: float = 0.2) -> torch.nn.Module:
+    """Give every parameter of a reference model a random, non-trivial value, so that a parity test compares them all.
+
+    Library initialisations leave LayerNorm/GroupNorm weights at 1 and biases at 0 (transformers zeroes every
+    Linear bias too; diffusers zero-initialises some output layers): a bug that swaps, drops or misplaces such a
+    tensor is then invisible. Norm weights become 1 + N(0, spread²), norm biases and all other biases N(0, spread²),
+    and a weight that is constant (zero-initialised) is drawn N(0, 1/fan_in), the scale that keeps activations sane.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        is_norm = isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm))
+        for name, p in module.named_parameters(recurse=False):
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            if is_norm and name == "weight":
+                p.copy_(1 + spread * noise)
+            elif name == "bias" or is_norm:
+                p.copy_(spread * noise)
+            elif p.numel() > 1 and p.float().std() == 0:
+                p.copy_(noise / max(1, p[0].numel()) ** 0.5)
+    return model
+
+
+def assert_every_weight_random(model: torch.nn.Module) -> None:
+    """No parameter of an oracle is left constant (all 0, all 1), the blind spot `randomize` removes."""
+    constant = [name for name, p in model.named_parameters() if p.numel() > 1 and p.float().std() == 0]
+    assert not constant, f"oracle parameters left constant: {constant[:5]}"
 
 
 def diffusers_pipeline(world, adapter: str | None = None):

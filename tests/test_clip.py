@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import assert_every_weight_random, randomize
+
 from minipa import keymap
 from minipa.attention import attention_backend
 from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -37,14 +39,16 @@ def random_ids(batch=3, vocab=1000, eos=999, seed=0):
 
 def save_text_model(folder, seed=0, **overrides):
     torch.manual_seed(seed)
-    reference = transformers.CLIPTextModel(transformers.CLIPTextConfig(**{**TINY_TEXT, **overrides})).eval()
+    reference = randomize(transformers.CLIPTextModel(transformers.CLIPTextConfig(**{**TINY_TEXT, **overrides})), seed).eval()
+    assert_every_weight_random(reference)
     reference.save_pretrained(folder)
     return reference
 
 
 def save_vision_model(folder, seed=0, **overrides):
     torch.manual_seed(seed)
-    reference = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**{**TINY_VISION, **overrides})).eval()
+    reference = randomize(transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**{**TINY_VISION, **overrides})), seed)
+    assert_every_weight_random(reference.eval())
     reference.save_pretrained(folder)
     return reference
 

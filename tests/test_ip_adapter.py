@@ -90,7 +90,7 @@ def test_resampler_equals_diffusers_plus_projection(backend):
     with torch.device("meta"):
         ref_unet = RefUNet(**TINY_UNET)
     theirs = ref_unet._convert_ip_adapter_image_proj_to_diffusers(official, low_cpu_mem_usage=False)
-    ours = Resampler(32, TINY_UNET["cross_attention_dim"], hidden_dim=64)
+    ours = Resampler(32, TINY_UNET["cross_attention_dim"], hidden_dim=128)  # two heads of 64
     ours.load_state_dict(official)  # strict: the official names are ours
     features = torch.randn(2, 17, 32)
     with attention_backend(backend):
@@ -242,7 +242,7 @@ def test_set_scale_without_adapter_is_an_error(unet_and_adapter):
 @pytest.mark.parametrize("variant", ["base", "plus", "mlp"])
 def test_official_formats_load_strictly(tmp_path, unet_and_adapter, fmt, variant):
     unet, _ = unet_and_adapter
-    N, options = {"base": (4, {}), "plus": (8, dict(resampler={"hidden_dim": 64})), "mlp": (3, dict(mlp=2))}[variant]
+    N, options = {"base": (4, {}), "plus": (8, dict(resampler={"hidden_dim": 128})), "mlp": (3, dict(mlp=2))}[variant]
     D = unet.config.cross_attention_dim
     shapes = {k: v.shape for k, v in IPAdapter.for_unet(unet, 16, N, image_projection(16, D, N, **options)).state_dict().items()}
     state = {key: torch.randn(shapes[name]) for name, key in keymap.ip_adapter_file_keys(shapes).items()}  # official names

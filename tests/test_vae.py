@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from conftest import assert_every_weight_random, randomize
+
 from minipa import keymap
 from minipa.attention import attention_backend
 from minipa.config import ConfigError, read_config
@@ -30,7 +32,9 @@ def tiny_config():
 @pytest.fixture(scope="module")
 def reference():
     torch.manual_seed(0)
-    return diffusers.AutoencoderKL(**TINY).eval()
+    reference = randomize(diffusers.AutoencoderKL(**TINY)).eval()
+    assert_every_weight_random(reference)
+    return reference
 
 
 @pytest.fixture(scope="module")
