@@ -1,6 +1,8 @@
 """The CLIP tokenizer gives the same ids and masks as transformers' CLIPTokenizer (what diffusers calls),
-on the real CLIP vocabulary, laid out as SD 1.5's `tokenizer/` folder."""
+on the real CLIP vocabulary. transformers reads a `tokenizer/` folder that this test writes itself from CLIP's
+published `bpe_simple_vocab_16e6.txt.gz` (not minipa's writer), and a few prompts' ids are pinned outright."""
 
+import gzip
 import json
 import random
 import warnings
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_sd15_tokenizer
+from conftest import SD15_SPECIAL_TOKENS_MAP, SD15_TOKENIZER_CONFIG, write_sd15_tokenizer
 from minipa.loading import load_tokenizer, vocab_from_bpe_gz
 from minipa.tokenizer import TokenizerError
 
@@ -21,15 +23,46 @@ def sd_tokenizer_dir(tmp_path_factory):
     return write_sd15_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-@pytest.fixture(scope="module")
-def ours(sd_tokenizer_dir):
-    return load_tokenizer(sd_tokenizer_dir)
+def clip_files_written_independently(folder: Path) -> Path:
+    """vocab.json + merges.txt derived from CLIP's .gz the way CLIP's own simple_tokenizer.py reads it: the first
+    line is a header, the next 49152 − 256 − 2 lines are the merges by rank; the vocabulary is the 256 byte symbols
+    (GPT-2's printable mapping), the same with "</w>", one entry per merge, then the two special tokens."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    symbols = [chr(b) for b in printable] + [chr(256 + k) for k, _ in enumerate(b for b in range(256) if b not in printable)]
+    merges = gzip.open(BPE_GZ, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    tokens = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(SD15_TOKENIZER_CONFIG))  # SD 1.5's files, as shipped
+    (folder / "special_tokens_map.json").write_text(json.dumps(SD15_SPECIAL_TOKENS_MAP))
+    return folder
 
 
 @pytest.fixture(scope="module")
-def reference(sd_tokenizer_dir):
+def ours():
+    return load_tokenizer(BPE_GZ)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
-    return transformers.CLIPTokenizer.from_pretrained(sd_tokenizer_dir)
+    return transformers.CLIPTokenizer.from_pretrained(clip_files_written_independently(tmp_path_factory.mktemp("independent")))
+
+
+def test_known_prompts_have_clip_s_published_ids(ours):
+    """Ids that CLIP's own tokenizer gives (and that SD tutorials print): start 49406, end 49407 and padding 49407."""
+    assert ours("a photo of a cat")[0, :8].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407, 49407]
+    assert ours("a photograph of an astronaut riding a horse")[0, :11].tolist() == [
+        49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407, 49407]
+    assert ours("")[0].tolist() == [49406] + [49407] * 76
+
+
+def test_minipa_writes_the_same_folder_as_the_independent_derivation(sd_tokenizer_dir, tmp_path):
+    independent = clip_files_written_independently(tmp_path)
+    merges = lambda folder: (folder / "merges.txt").read_text(encoding="utf-8").splitlines()  # noqa: E731
+    vocab = lambda folder: json.loads((folder / "vocab.json").read_text(encoding="utf-8"))  # noqa: E731
+    assert merges(sd_tokenizer_dir) == merges(independent) and vocab(sd_tokenizer_dir) == vocab(independent)
 
 
 WORDS = (
