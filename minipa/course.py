@@ -148,6 +148,7 @@ ASSIGNMENTS = (
             "tests/test_tokenizer.py::test_call_returns_ids_padded_with_endoftext",
             "tests/test_tokenizer.py::test_long_prompt_is_truncated_with_a_warning_counting_dropped_tokens",
             "tests/test_tokenizer.py::test_model_max_length_in_tokenizer_config_sets_the_padded_length_as_in_transformers",
+            "tests/test_tokenizer.py::test_known_prompts_have_clip_s_published_ids",
             "tests/test_data.py::test_tiny_tokenizer_makes_one_token_per_caption_word_and_handles_any_text",
             "tests/test_data.py::test_tiny_tokenizer_round_trips_and_matches_transformers",
             "tests/test_reliability.py::test_fuzz_tokenizer_never_crashes_and_stays_in_vocabulary",
@@ -245,6 +246,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "steps_option_trains_a_stage_that_many_steps",
     )),
     "tests/test_benchmark.py",  # whole files: generation end to end
+    "tests/test_pipeline_grid.py",
     "tests/test_tiny_model.py",
     "tests/test_notebooks.py::test_notebook_runs_top_to_bottom",  # every notebook uses several regions
 )

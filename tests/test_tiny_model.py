@@ -41,7 +41,8 @@ def test_default_pipeline_is_the_tiny_model_with_its_ip_adapter(pipe):
 
 
 def test_text_prompt_generates_the_requested_shape_and_colours(pipe):
-    from minipa.eval import Judge, classify
+    from minipa.eval import Judge
+    from minipa.train.classifier import classify
     from minipa.train.world import EVAL_FILE
 
     judge = Judge(pipe, TINY_MODEL / EVAL_FILE)
