@@ -68,11 +68,12 @@ def make_weights(folder: Path, sizes: dict, dtype: torch.dtype) -> dict:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from minipa.loading import load_tokenizer
+    from minipa.train.export import save_tokenizer
 
     print(f"creating random weights in {folder} (once)…", flush=True)
     torch.manual_seed(0)
     vocab = folder / "vocab"
-    load_tokenizer(HERE.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz").save_pretrained(vocab)
+    save_tokenizer(load_tokenizer(HERE.parent / "weights" / "bpe_simple_vocab_16e6.txt.gz"), vocab)
     (vocab / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77, "pad_token": "<|endoftext|>"}))
     unet = UNet2DConditionModel(**sizes["unet"])
     pipe = StableDiffusionPipeline(

@@ -180,7 +180,7 @@ ASSIGNMENTS = (
         points=10, prerequisites=(5, 7), minutes=30,
     ),
     Assignment(
-        9, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "_renumber_levels",
+        9, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "renumber_levels",
         task="map encoder.down.{i} ↔ encoder.down_blocks.{i} and decoder.up.{levels−1−i} ↔ decoder.up_blocks.{i} "
              "(LDM numbers the decoder from the bottom), both ways (`to_diffusers`); return other keys unchanged.",
         teaches="how one checkpoint format is read into another by a short rule instead of a 1,000-line dictionary",

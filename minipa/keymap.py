@@ -2,7 +2,8 @@
 
 minipa's parameter names mirror diffusers/transformers, so those formats map by identity.
 Other formats (the original LDM single-file checkpoint) go through short rule tables, and a
-test proves each table covers every key of the full-size models.
+test proves each table covers every key of the full-size models. (Writing LDM files, the
+inverse rules, is `train/export.py`'s job.)
 """
 
 from __future__ import annotations
@@ -43,11 +44,11 @@ def identity(file_keys) -> tuple[dict[str, str], list[str]]:
 #   output_blocks.{b(L+1) + l}.0 / .1     ↔ up_blocks.{b}.resnets.{l} / .attentions.{l}      (l ≤ L)
 #   output_blocks.{b(L+1) + L}.{1|2}.conv ↔ up_blocks.{b}.upsamplers.0.conv  (.1 without attention, .2 with)
 # Inside a transformer (attention) the names are the same in both formats; inside a resnet they are
-# renamed by `_LDM_RESNET_PARTS`.
+# renamed by `LDM_RESNET_PARTS`.
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 
-_LDM_RESNET_PARTS = {  # LDM ResBlock ↔ diffusers ResnetBlock2D
+LDM_RESNET_PARTS = {  # LDM ResBlock ↔ diffusers ResnetBlock2D
     "in_layers.0": "norm1",
     "in_layers.2": "conv1",
     "emb_layers.1": "time_emb_proj",
@@ -55,18 +56,18 @@ _LDM_RESNET_PARTS = {  # LDM ResBlock ↔ diffusers ResnetBlock2D
     "out_layers.3": "conv2",
     "skip_connection": "conv_shortcut",
 }
-_LDM_UNET_TOP = {  # whole-model layers outside the blocks
+LDM_UNET_TOP = {  # whole-model layers outside the blocks
     "time_embed.0": "time_embedding.linear_1",
     "time_embed.2": "time_embedding.linear_2",
     "input_blocks.0.0": "conv_in",
     "out.0": "conv_norm_out",
     "out.2": "conv_out",
 }
-_LDM_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
-_LDM_SLOTS = {"0": "resnets", "1": "attentions"}  # inside input/output_blocks.{i}: the resnet, then the attention
+LDM_MIDDLE = {"0": "resnets.0", "1": "attentions.0", "2": "resnets.1"}
+LDM_SLOTS = {"0": "resnets", "1": "attentions"}  # inside input/output_blocks.{i}: the resnet, then the attention
 
 
-def _swap_prefix(key: str, table: dict[str, str]) -> str | None:
+def swap_prefix(key: str, table: dict[str, str]) -> str | None:
     """Replace the longest table entry that `key` starts with (at a dot boundary); None if none does."""
     for old in sorted(table, key=len, reverse=True):
         if key == old or key.startswith(old + "."):
@@ -76,12 +77,12 @@ def _swap_prefix(key: str, table: dict[str, str]) -> str | None:
 
 def _ldm_unet_key_to_diffusers(key: str, layers_per_block: int) -> str | None:
     """One LDM UNet key (prefix removed) → its diffusers name, or None if no rule applies."""
-    top = _swap_prefix(key, _LDM_UNET_TOP)
+    top = swap_prefix(key, LDM_UNET_TOP)
     if top is not None:
         return top
     parts = key.split(".")
-    if parts[0] == "middle_block" and len(parts) > 2 and parts[1] in _LDM_MIDDLE:
-        return _block_part(f"mid_block.{_LDM_MIDDLE[parts[1]]}", ".".join(parts[2:]))
+    if parts[0] == "middle_block" and len(parts) > 2 and parts[1] in LDM_MIDDLE:
+        return _block_part(f"mid_block.{LDM_MIDDLE[parts[1]]}", ".".join(parts[2:]))
     if len(parts) < 4 or not parts[1].isdigit():
         return None
     group, i, part, rest = parts[0], int(parts[1]), parts[2], ".".join(parts[3:])
@@ -90,19 +91,19 @@ def _ldm_unet_key_to_diffusers(key: str, layers_per_block: int) -> str | None:
         b, l = divmod(i - 1, per_level)
         if l == layers_per_block:  # the last slot of a level holds its downsampler
             return f"down_blocks.{b}.downsamplers.0.conv.{rest[3:]}" if part == "0" and rest.startswith("op.") else None
-        return _block_part(f"down_blocks.{b}.{_LDM_SLOTS[part]}.{l}", rest) if part in _LDM_SLOTS else None
+        return _block_part(f"down_blocks.{b}.{LDM_SLOTS[part]}.{l}", rest) if part in LDM_SLOTS else None
     if group == "output_blocks":
         b, l = divmod(i, per_level)
         if rest.startswith("conv.") and part in ("1", "2"):  # an Upsample: `.1` after a resnet, `.2` after an attention
             return f"up_blocks.{b}.upsamplers.0.{rest}" if l == layers_per_block else None
-        return _block_part(f"up_blocks.{b}.{_LDM_SLOTS[part]}.{l}", rest) if part in _LDM_SLOTS else None
+        return _block_part(f"up_blocks.{b}.{LDM_SLOTS[part]}.{l}", rest) if part in LDM_SLOTS else None
     return None
 
 
 def _block_part(name: str, rest: str) -> str | None:
     """`name` (a resnet or attention inside a block) + the rest of the key, renaming resnet parts."""
     if ".resnets." in name:
-        rest = _swap_prefix(rest, _LDM_RESNET_PARTS)
+        rest = swap_prefix(rest, LDM_RESNET_PARTS)
     return None if rest is None else f"{name}.{rest}"
 
 
@@ -124,46 +125,6 @@ def unet_names(file_keys, layers_per_block: int = 2) -> tuple[dict[str, str], li
     if any(k.startswith(LDM_UNET_PREFIX) for k in file_keys):
         return ldm_unet_names(file_keys, layers_per_block)
     return identity(file_keys)
-
-
-def ldm_unet_keys(names, layers_per_block: int = 2, prefix: str = LDM_UNET_PREFIX) -> dict[str, str]:
-    """The inverse rule: diffusers/minipa UNet parameter names → LDM file keys (used to write LDM files).
-
-    Whether an up block has attentions (which moves its upsampler from slot `.1` to `.2`) is read off `names`.
-    """
-    names = list(names)
-    with_attention = {n.split(".")[1] for n in names if n.startswith("up_blocks.") and ".attentions." in n}
-    top, middle, resnet_parts = (
-        {new: old for old, new in table.items()} for table in (_LDM_UNET_TOP, _LDM_MIDDLE, _LDM_RESNET_PARTS)
-    )
-    per_level = layers_per_block + 1
-
-    def block_and_rest(name: str) -> tuple[str, str]:
-        group, *p = name.split(".")
-        if group == "mid_block":
-            return f"middle_block.{middle[p[0] + '.' + p[1]]}", ".".join(p[2:])
-        b, kind, j, rest = int(p[0]), p[1], int(p[2]), ".".join(p[3:])
-        if group == "down_blocks" and kind == "downsamplers":  # conv.weight → op.weight
-            return f"input_blocks.{1 + b * per_level + layers_per_block}.0.op", rest.removeprefix("conv.")
-        if group == "up_blocks" and kind == "upsamplers":
-            return f"output_blocks.{b * per_level + layers_per_block}.{2 if p[0] in with_attention else 1}", rest
-        slot = {v: k for k, v in _LDM_SLOTS.items()}[kind]
-        if group == "down_blocks":
-            return f"input_blocks.{1 + b * per_level + j}.{slot}", rest
-        if group == "up_blocks":
-            return f"output_blocks.{b * per_level + j}.{slot}", rest
-        raise ValueError(f"{name!r} is not an SD UNet parameter name")
-
-    out = {}
-    for name in names:
-        key = _swap_prefix(name, top)
-        if key is None:
-            block, rest = block_and_rest(name)
-            if ".resnets." in name:
-                rest = _swap_prefix(rest, resnet_parts)
-            key = f"{block}.{rest}"
-        out[name] = prefix + key
-    return out
 
 
 # ─── What is this file? A guess for error messages ─────────────────────────────────────────────
@@ -239,11 +200,6 @@ def clip_text_names(file_keys) -> tuple[dict[str, str], list[str]]:
     return place(kept, rule, prefix)
 
 
-def clip_text_ldm_keys(names) -> dict[str, str]:
-    """The inverse rule, minipa → LDM single-file names (used to write LDM files)."""
-    return {name: LDM_TEXT_PREFIX + name for name in names}
-
-
 def clip_vision_names(file_keys) -> tuple[dict[str, str], list[str]]:
     """Place the keys of a transformers CLIPVisionModelWithProjection file (identity, minus position_ids)."""
     return identity(k for k in file_keys if k not in _CLIP_SKIPPED_BUFFERS)
@@ -259,7 +215,7 @@ def _clip_size(shapes: dict[str, tuple], width_key: str, layer_key: str) -> str:
 # ─── VAE: original LDM (`first_stage_model.*`) ↔ diffusers / minipa ──────────────────────────────
 #
 # The same network under other names. Renames of dotted pieces, applied in this order (both ways):
-_LDM_VAE_RENAMES = [  # (LDM, diffusers)
+LDM_VAE_RENAMES = [  # (LDM, diffusers)
     ("mid.block_1", "mid_block.resnets.0"),
     ("mid.block_2", "mid_block.resnets.1"),
     ("mid.attn_1.norm", "mid_block.attentions.0.group_norm"),
@@ -278,14 +234,14 @@ _LDM_VAE_RENAMES = [  # (LDM, diffusers)
 LDM_VAE_PREFIX = "first_stage_model."
 
 
-def _rename_pieces(key: str, pairs) -> str:
+def rename_pieces(key: str, pairs) -> str:
     dotted = f".{key}."
     for old, new in pairs:
         dotted = dotted.replace(f".{old}.", f".{new}.")
     return dotted[1:-1]
 
 
-def _renumber_levels(key: str, levels: int, to_diffusers: bool) -> str:
+def renumber_levels(key: str, levels: int, to_diffusers: bool) -> str:
     """encoder.down.{i} ↔ encoder.down_blocks.{i}, decoder.up.{levels−1−i} ↔ decoder.up_blocks.{i}; other keys as they are."""
     # BEGIN ASSIGNMENT 9
     down, up = ("down", "down_blocks"), ("up", "up_blocks")
@@ -309,13 +265,7 @@ def ldm_vae_names(file_keys, levels: int = 4, prefix: str | None = None) -> tupl
     file_keys = list(file_keys)
     if prefix is None:
         prefix = LDM_VAE_PREFIX if any(k.startswith(LDM_VAE_PREFIX) for k in file_keys) else ""
-    return place(file_keys, lambda key: _renumber_levels(_rename_pieces(key, _LDM_VAE_RENAMES), levels, to_diffusers=True), prefix)
-
-
-def ldm_vae_keys(names, levels: int = 4, prefix: str = LDM_VAE_PREFIX) -> dict[str, str]:
-    """The inverse rule, minipa/diffusers VAE names → LDM file keys (used to write LDM files)."""
-    back = [(new, old) for old, new in _LDM_VAE_RENAMES]
-    return {name: prefix + _rename_pieces(_renumber_levels(name, levels, to_diffusers=False), back) for name in names}
+    return place(file_keys, lambda key: renumber_levels(rename_pieces(key, LDM_VAE_RENAMES), levels, to_diffusers=True), prefix)
 
 
 # ─── IP-Adapter files ─────────────────────────────────────────────────────────────────────────────
@@ -324,12 +274,12 @@ def ldm_vae_keys(names, levels: int = 4, prefix: str = LDM_VAE_PREFIX) -> dict[s
 
 def ip_adapter_names(file_keys) -> tuple[dict[str, str], list[str]]:
     """(names: minipa IPAdapter parameter → official file key, unmatched file keys): `ip_adapter.{i}.…` ↔ `layers.{i}.…`."""
-    return place(file_keys, lambda key: _swap_prefix(key, {"ip_adapter": "layers", "image_proj": "image_proj"}))
+    return place(file_keys, lambda key: swap_prefix(key, {"ip_adapter": "layers", "image_proj": "image_proj"}))
 
 
 def ip_adapter_file_keys(names) -> dict[str, str]:
     """The inverse rule, for writing official files: minipa name → file key."""
-    return {name: _swap_prefix(name, {"layers": "ip_adapter", "image_proj": "image_proj"}) for name in names}
+    return {name: swap_prefix(name, {"layers": "ip_adapter", "image_proj": "image_proj"}) for name in names}
 
 
 IP_ADAPTER_FAMILY = ("an IP-Adapter for SD 1.x (base: image_proj = Linear + LayerNorm, or FaceID's MLP + LayerNorm; "

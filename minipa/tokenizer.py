@@ -24,11 +24,9 @@ and no HTML unescaping. `loading.load_tokenizer` reads the files: a diffusers `t
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -80,15 +78,6 @@ class CLIPTokenizer:
         self.start_id, self.end_id = vocab[START], vocab[END]
         self.pad_id = self.end_id  # SD 1.5 pads with <|endoftext|>
         self.cache = {}
-
-    # ---- files: reading them is `loading.load_tokenizer`'s job ------------------------------
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write vocab.json + merges.txt in the layout of SD 1.5's `tokenizer/` folder."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
-        merges = sorted(self.ranks, key=self.ranks.get)
-        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
 
     # ---- steps 1–2: cleaning and pre-tokenisation --------------------------------------------
     @staticmethod

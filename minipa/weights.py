@@ -175,19 +175,6 @@ def _mismatch_report(checkpoint, family, missing, unexpected, mismatched, descri
     return "\n".join(lines)
 
 
-def save_safetensors(module_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | Path, dtype=None):
-    """Write weights as `.safetensors` atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
-
-    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-
-
 # ─── Integrity of shipped weights ────────────────────────────────────────────────────────────────
 
 MANIFEST = "SHA256SUMS"

@@ -94,8 +94,9 @@ SD15_SPECIAL_TOKENS_MAP = {
 def write_sd15_tokenizer(folder: Path) -> Path:
     """vocab.json + merges.txt converted from CLIP's .gz by minipa, plus SD 1.5's two config files."""
     from minipa.loading import load_tokenizer
+    from minipa.train.export import save_tokenizer
 
-    load_tokenizer(BPE_GZ).save_pretrained(folder)
+    save_tokenizer(load_tokenizer(BPE_GZ), folder)
     (folder / "tokenizer_config.json").write_text(json.dumps(SD15_TOKENIZER_CONFIG))
     (folder / "special_tokens_map.json").write_text(json.dumps(SD15_SPECIAL_TOKENS_MAP))
     return folder

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from conftest import assert_every_weight_random, randomize
 
 from minipa import keymap
+from minipa.train import export
 from minipa.attention import attention_backend
 from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from minipa.config import ConfigError
@@ -104,7 +105,7 @@ def test_text_encoder_loads_sd15_layout_with_prefix_and_position_ids(tmp_path):
 def test_text_encoder_loads_ldm_single_file(tmp_path):
     reference = save_text_model(tmp_path / "ref")
     names = {"text_model." + k: v.contiguous() for k, v in reference.state_dict().items()}
-    state = {keymap.clip_text_ldm_keys(names)[n]: t for n, t in names.items()}
+    state = {export.clip_text_ldm_keys(names)[n]: t for n, t in names.items()}
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     state["model.diffusion_model.conv_in.weight"] = torch.zeros(4, 4, 3, 3)  # another component of the file
     save_file(state, tmp_path / "sd.safetensors")
@@ -173,7 +174,7 @@ def test_full_size_text_encoder_keys_and_shapes_all_map():
 
 def test_full_size_text_encoder_ldm_names_round_trip():
     ours = _meta_state(CLIPTextModel, CLIPTextConfig.sd15())
-    ldm = keymap.clip_text_ldm_keys(ours)
+    ldm = export.clip_text_ldm_keys(ours)
     assert all(k.startswith("cond_stage_model.transformer.text_model.") for k in ldm.values())
     names, unmatched = keymap.clip_text_names(list(ldm.values()) + ["first_stage_model.encoder.conv_in.weight"])
     assert unmatched == [] and names == {n: ldm[n] for n in ours}

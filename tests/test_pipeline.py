@@ -261,18 +261,13 @@ def test_cli_help_documents_every_flag(capsys):
 def test_single_file_checkpoint_gives_the_same_image_as_the_folder(tiny_world, ours_plain, latents, tmp_path):
     """The tiny model written as one LDM-named file (minipa's key rules, proven against diffusers'
     converters in test_unet/test_vae/test_clip) loads through load_pipeline like a real SD 1.5 .safetensors."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from minipa import keymap
+    from minipa.train.export import save_ldm_checkpoint
 
     model = tiny_world["model"]
-    unet = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
-    vae = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
-    text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(model / "text_encoder" / "model.safetensors").items()}
-    single = {}
-    for state, rule in ((unet, keymap.ldm_unet_keys), (vae, keymap.ldm_vae_keys), (text, keymap.clip_text_ldm_keys)):
-        single.update({rule(state)[name]: tensor for name, tensor in state.items()})
-    save_file(single, tmp_path / "tiny-sd.safetensors")
+    save_ldm_checkpoint(*(load_file(model / part) for part in ("unet/diffusion_pytorch_model.safetensors",
+                        "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")), tmp_path / "tiny-sd.safetensors")
     pipe = minipa.load_pipeline(tmp_path / "tiny-sd.safetensors", configs=model)
     # the same tensors from another file: only float noise from memory layout (see the .bin test above)
     assert_images_close(run_ours(pipe, latents), run_ours(ours_plain, latents), atol=1e-5)

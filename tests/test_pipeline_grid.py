@@ -108,21 +108,13 @@ def test_the_official_nested_bin_adapter_equals_diffusers_loading_it(tiny_world)
 def test_an_ldm_single_file_equals_diffusers_from_single_file(tiny_world, tmp_path):
     """The tiny model written as one LDM-named .safetensors; diffusers reads it with its own converters."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from minipa import keymap
+    from minipa.train.export import save_ldm_checkpoint
 
-    model = tiny_world["model"]
-    unet = load_file(model / "unet" / "diffusion_pytorch_model.safetensors")
-    vae = load_file(model / "vae" / "diffusion_pytorch_model.safetensors")
-    text = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in load_file(model / "text_encoder" / "model.safetensors").items()}
-    single = {}
-    for state, rule in ((unet, keymap.ldm_unet_keys), (vae, keymap.ldm_vae_keys), (text, keymap.clip_text_ldm_keys)):
-        single.update({rule(state)[name]: tensor for name, tensor in state.items()})
-    # LDM's VAE attention projections are 1×1 convolutions
-    single = {k: v[:, :, None, None] if ".attn_1." in k and k.endswith("weight") and v.ndim == 2 else v for k, v in single.items()}
-    path = tmp_path / "tiny-sd.safetensors"
-    save_file(single, path)
+    model, path = tiny_world["model"], tmp_path / "tiny-sd.safetensors"
+    save_ldm_checkpoint(*(load_file(model / part) for part in ("unet/diffusion_pytorch_model.safetensors",
+                        "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors")), path)
     theirs = StableDiffusionPipeline.from_single_file(str(path), config=str(model), safety_checker=None, requires_safety_checker=False)
     theirs.set_progress_bar_config(disable=True)
     compare(minipa.load_pipeline(path, configs=model), theirs, negative="noise")

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from minipa import keymap
+from minipa.train import export
 from minipa.attention import Attention, attention_backend
 from minipa.config import ConfigError, read_config
 from minipa.embeddings import timestep_embedding
@@ -253,7 +254,7 @@ def test_full_size_ldm_keys_round_trip_through_diffusers_converter(full_size):
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     _, ours = full_size
-    to_ldm = keymap.ldm_unet_keys(ours)
+    to_ldm = export.ldm_unet_keys(ours)
     assert len(set(to_ldm.values())) == SD15_TENSORS
     ldm_state = {to_ldm[name]: tensor for name, tensor in ours.items()}
     converted = convert_ldm_unet_checkpoint(ldm_state, {"layers_per_block": 2})
@@ -281,7 +282,7 @@ SD15_LDM_FACTS = {
 
 def test_full_size_ldm_keys_include_known_sd15_keys(full_size):
     _, ours = full_size
-    ldm_shapes = {key: tuple(ours[name].shape) for name, key in keymap.ldm_unet_keys(ours).items()}
+    ldm_shapes = {key: tuple(ours[name].shape) for name, key in export.ldm_unet_keys(ours).items()}
     for key, shape in SD15_LDM_FACTS.items():
         assert ldm_shapes[keymap.LDM_UNET_PREFIX + key] == shape, key
 
@@ -291,7 +292,7 @@ def test_full_size_ldm_keys_include_known_sd15_keys(full_size):
 
 def ldm_state_of(reference):
     state = reference.state_dict()
-    to_ldm = keymap.ldm_unet_keys(state)
+    to_ldm = export.ldm_unet_keys(state)
     return {to_ldm[name]: tensor for name, tensor in state.items()}
 
 

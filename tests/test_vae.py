@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from conftest import assert_every_weight_random, randomize
 
 from minipa import keymap
+from minipa.train import export
 from minipa.attention import attention_backend
 from minipa.config import ConfigError, read_config
 from minipa.loading import load_vae
@@ -51,7 +52,7 @@ def pixels(seed=0, shape=(2, 3, 32, 48)):
 def ldm_state(reference) -> dict:
     """The reference's weights under LDM names, attention projections as 1×1 convs like real LDM files."""
     state = reference.state_dict()
-    to_ldm = keymap.ldm_vae_keys(state, levels=3)
+    to_ldm = export.ldm_vae_keys(state, levels=3)
     return {to_ldm[k]: (v[:, :, None, None] if ".attentions." in k and v.ndim == 2 else v).contiguous() for k, v in state.items()}
 
 
@@ -137,7 +138,7 @@ def test_full_size_keys_and_shapes_equal_diffusers():
 
 def test_full_size_ldm_keys_round_trip_and_match_diffusers_converter():
     model, theirs, ours = full_size_states()
-    to_ldm = keymap.ldm_vae_keys(ours)
+    to_ldm = export.ldm_vae_keys(ours)
     assert len(set(to_ldm.values())) == 248
     assert to_ldm["decoder.up_blocks.0.upsamplers.0.conv.weight"] == "first_stage_model.decoder.up.3.upsample.conv.weight"
     assert to_ldm["encoder.mid_block.attentions.0.to_out.0.weight"] == "first_stage_model.encoder.mid.attn_1.proj_out.weight"

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from minipa.weights import Checkpoint, WeightsError, load_weights, save_safetensors
+from minipa.train.export import save_safetensors
+from minipa.weights import Checkpoint, WeightsError, load_weights
 
 
 class Evil:

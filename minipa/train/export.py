@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -28,10 +29,23 @@ from minipa.ddpm import ScheduleConfig
 from minipa.tokenizer import CLIPTokenizer
 from minipa.unet import UNetConfig
 from minipa.vae import VAEConfig
-from minipa.weights import MANIFEST, save_safetensors, sha256_of
+from minipa.weights import MANIFEST, sha256_of
 
 DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers these configs are written for
 TRANSFORMERS_VERSION = "4.40.0"
+
+
+def save_safetensors(module_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | Path, dtype=None):
+    """Write weights as `.safetensors` atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -88,9 +102,13 @@ def save_image_encoder(image_encoder: nn.Module, folder: Path, dtype=torch.float
     save_safetensors(image_encoder, folder / "model.safetensors", dtype=dtype)
 
 
-def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
+def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:
     """vocab.json + merges.txt, plus the settings transformers' CLIPTokenizer needs to read the folder."""
-    tokenizer.save_pretrained(folder)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.vocab, ensure_ascii=False), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>"}
     write_json(folder / "special_tokens_map.json", specials)
@@ -131,3 +149,69 @@ def write_manifest(folder: Path) -> Path:
     tmp.write_text("".join(lines), encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+# ─── The original LDM single file: keymap's rules run backwards ──────────────────────────────────
+
+
+def ldm_unet_keys(names, layers_per_block: int = 2, prefix: str = keymap.LDM_UNET_PREFIX) -> dict[str, str]:
+    """The inverse rule: diffusers/minipa UNet parameter names → LDM file keys (used to write LDM files).
+
+    Whether an up block has attentions (which moves its upsampler from slot `.1` to `.2`) is read off `names`.
+    """
+    names = list(names)
+    with_attention = {n.split(".")[1] for n in names if n.startswith("up_blocks.") and ".attentions." in n}
+    top, middle, resnet_parts = (
+        {new: old for old, new in table.items()} for table in (keymap.LDM_UNET_TOP, keymap.LDM_MIDDLE, keymap.LDM_RESNET_PARTS)
+    )
+    per_level = layers_per_block + 1
+
+    def block_and_rest(name: str) -> tuple[str, str]:
+        group, *p = name.split(".")
+        if group == "mid_block":
+            return f"middle_block.{middle[p[0] + '.' + p[1]]}", ".".join(p[2:])
+        b, kind, j, rest = int(p[0]), p[1], int(p[2]), ".".join(p[3:])
+        if group == "down_blocks" and kind == "downsamplers":  # conv.weight → op.weight
+            return f"input_blocks.{1 + b * per_level + layers_per_block}.0.op", rest.removeprefix("conv.")
+        if group == "up_blocks" and kind == "upsamplers":
+            return f"output_blocks.{b * per_level + layers_per_block}.{2 if p[0] in with_attention else 1}", rest
+        slot = {v: k for k, v in keymap.LDM_SLOTS.items()}[kind]
+        if group == "down_blocks":
+            return f"input_blocks.{1 + b * per_level + j}.{slot}", rest
+        if group == "up_blocks":
+            return f"output_blocks.{b * per_level + j}.{slot}", rest
+        raise ValueError(f"{name!r} is not an SD UNet parameter name")
+
+    out = {}
+    for name in names:
+        key = keymap.swap_prefix(name, top)
+        if key is None:
+            block, rest = block_and_rest(name)
+            if ".resnets." in name:
+                rest = keymap.swap_prefix(rest, resnet_parts)
+            key = f"{block}.{rest}"
+        out[name] = prefix + key
+    return out
+
+
+def ldm_vae_keys(names, levels: int = 4, prefix: str = keymap.LDM_VAE_PREFIX) -> dict[str, str]:
+    """The inverse rule, minipa/diffusers VAE names → LDM file keys (used to write LDM files)."""
+    back = [(new, old) for old, new in keymap.LDM_VAE_RENAMES]
+    return {name: prefix + keymap.rename_pieces(keymap.renumber_levels(name, levels, to_diffusers=False), back) for name in names}
+
+
+def clip_text_ldm_keys(names) -> dict[str, str]:
+    """The inverse rule, minipa → LDM single-file names (used to write LDM files)."""
+    return {name: keymap.LDM_TEXT_PREFIX + name for name in names}
+
+
+def save_ldm_checkpoint(unet: dict, vae: dict, text_encoder: dict, path: Path, layers_per_block: int = 2, vae_levels: int = 4):
+    """Three state dicts under minipa/diffusers names, written as one original LDM single file (`model.diffusion_model.*`,
+    `first_stage_model.*`, `cond_stage_model.transformer.*`); the VAE's attention projections become 1×1 convolutions."""
+    text_encoder = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text_encoder.items()}  # transformers 5 saves it flat
+    single = {}
+    for state, keys in ((unet, ldm_unet_keys(unet, layers_per_block)), (vae, ldm_vae_keys(vae, vae_levels)),
+                        (text_encoder, clip_text_ldm_keys(text_encoder))):
+        single.update({keys[name]: tensor for name, tensor in state.items()})
+    single = {k: v[:, :, None, None] if ".attn_1." in k and k.endswith("weight") and v.ndim == 2 else v for k, v in single.items()}
+    save_safetensors(single, path)

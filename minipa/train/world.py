@@ -44,7 +44,7 @@ from minipa.train.unet import DiffusionData, UNetTraining
 from minipa.train.vae import VAETraining, encode_all, psnr
 from minipa.unet import UNetConfig
 from minipa.vae import VAEConfig
-from minipa.weights import save_safetensors, sha256_of
+from minipa.weights import sha256_of
 
 STAGES = ("clip", "clip_image", "clip_shapes", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
 EXTRA_STAGES = ("ablation", "ip_plus")  # experiments for the model card, run on request
@@ -236,7 +236,7 @@ class World:
         if self.rank == 0:
             export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
             export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
-            save_safetensors({"text_projection.weight": module.text_projection.weight,
+            export.save_safetensors({"text_projection.weight": module.text_projection.weight,
                               "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / stage / "projection.safetensors")
 
     def _clip_from_out(self, cls, tokenizer, stage: str, **kwargs) -> CLIPTraining:
@@ -398,7 +398,7 @@ class World:
         module = self._adapter_module("concat")
         result = self._fit("ablation", module, self.config.ip_schedule)
         if self.rank == 0:
-            save_safetensors(module.adapter.image_proj, self.work / "ablation" / "concat_image_proj.safetensors")
+            export.save_safetensors(module.adapter.image_proj, self.work / "ablation" / "concat_image_proj.safetensors")
         return self._finish("ablation", result, {"variant": "concat"})
 
     def stage_ip_plus(self) -> dict:
@@ -423,7 +423,7 @@ class World:
                 from safetensors.torch import load_file
 
                 state.update(load_file(str(projection)))
-            save_safetensors(state, self.out / EVAL_FILE, dtype=torch.float16)
+            export.save_safetensors(state, self.out / EVAL_FILE, dtype=torch.float16)
         return self._finish("classifier", result, metrics)
 
 

@@ -39,7 +39,7 @@ def write_random_unet(folder: Path, dtype) -> None:
     import torch
 
     from minipa.unet import UNet2DConditionModel, UNetConfig
-    from minipa.weights import save_safetensors
+    from minipa.train.export import save_safetensors
 
     with torch.device("meta"):
         model = UNet2DConditionModel(UNetConfig.sd15())
