@@ -82,24 +82,17 @@ def scheduler_config_dict(config: ScheduleConfig) -> dict:
     return {"_class_name": "DDIMScheduler", "_diffusers_version": DIFFUSERS_VERSION, **dataclasses.asdict(config)}
 
 
-def save_unet(unet: nn.Module, folder: Path, dtype=torch.float16) -> None:
-    write_json(folder / "config.json", unet_config_dict(unet.config))
-    save_safetensors(unet, folder / "diffusion_pytorch_model.safetensors", dtype=dtype)
+# each component's config writer and the weights file name its library looks for
+COMPONENTS = {UNetConfig: (unet_config_dict, "diffusion_pytorch_model.safetensors"),
+              VAEConfig: (vae_config_dict, "diffusion_pytorch_model.safetensors"),
+              CLIPTextConfig: (text_config_dict, "model.safetensors"), CLIPVisionConfig: (vision_config_dict, "model.safetensors")}
 
 
-def save_vae(vae: nn.Module, folder: Path, dtype=torch.float16) -> None:
-    write_json(folder / "config.json", vae_config_dict(vae.config))
-    save_safetensors(vae, folder / "diffusion_pytorch_model.safetensors", dtype=dtype)
-
-
-def save_text_encoder(text_encoder: nn.Module, folder: Path, dtype=torch.float16) -> None:
-    write_json(folder / "config.json", text_config_dict(text_encoder.config))
-    save_safetensors(text_encoder, folder / "model.safetensors", dtype=dtype)
-
-
-def save_image_encoder(image_encoder: nn.Module, folder: Path, dtype=torch.float16) -> None:
-    write_json(folder / "config.json", vision_config_dict(image_encoder.config))
-    save_safetensors(image_encoder, folder / "model.safetensors", dtype=dtype)
+def save_component(model: nn.Module, folder: Path, dtype=torch.float16) -> None:
+    """A UNet, VAE or CLIP tower as its diffusers/transformers folder: config.json + the weights file."""
+    config_dict, weights = COMPONENTS[type(model.config)]
+    write_json(folder / "config.json", config_dict(model.config))
+    save_safetensors(model, folder / weights, dtype=dtype)
 
 
 def save_tokenizer(tokenizer: CLIPTokenizer, folder: str | Path) -> None:

@@ -227,15 +227,15 @@ class World:
         result = self._fit("clip_shapes", module, cfg.clip_shapes_schedule)
         metrics = self._clip_metrics(module, tokenizer)
         if self.rank == 0:
-            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
+            export.save_component(module.image_encoder, self.out / "image_encoder")
         return self._finish("clip_shapes", result, metrics)
 
     def _export_clip(self, stage: str, module: CLIPTraining) -> None:
         """Both towers to --out, in transformers' format; the text projection and τ, which SD's files do not
         hold, to --work/<stage>/projection.safetensors (the next CLIP stage and the judge read them there)."""
         if self.rank == 0:
-            export.save_text_encoder(module.text_encoder, self.out / "text_encoder")
-            export.save_image_encoder(module.image_encoder, self.out / "image_encoder")
+            export.save_component(module.text_encoder, self.out / "text_encoder")
+            export.save_component(module.image_encoder, self.out / "image_encoder")
             export.save_safetensors({"text_projection.weight": module.text_projection.weight,
                               "logit_scale": module.logit_scale.detach().reshape(1)}, self.work / stage / "projection.safetensors")
 
@@ -293,7 +293,7 @@ class World:
         model.scaling_factor = scaling
         metrics = {"psnr_test": psnr(model, ShapesDataset("test", cfg.eval_images, cfg.seed).images()), "scaling_factor": scaling}
         if self.rank == 0:
-            export.save_vae(model, self.out / "vae")
+            export.save_component(model, self.out / "vae")
         return self._finish(stage, result, metrics)
 
     def diffusion_data(self) -> DiffusionData:
@@ -357,7 +357,7 @@ class World:
         module = UNetTraining(UNet2DConditionModel(cfg.unet), self.diffusion_data())
         result = self._fit("unet", module, cfg.unet_schedule)
         if self.rank == 0:
-            export.save_unet(module.unet, self.out / "unet")
+            export.save_component(module.unet, self.out / "unet")
             export.save_scheduler(ScheduleConfig.sd15(), self.out / "scheduler")
             export.save_model_index(self.out)
         return self._finish("unet", result, {})
