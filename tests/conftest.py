@@ -14,8 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Hypothesis draws the same examples on every run (CI included), so a failure can be replayed;
+# `HYPOTHESIS_PROFILE=explore pytest tests/test_reliability.py` draws new ones, to look for more.
+settings.register_profile("fixed", derandomize=True, database=None)
+settings.register_profile("explore", max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 ROOT = Path(__file__).resolve().parent.parent
 BPE_GZ = ROOT / "weights" / "bpe_simple_vocab_16e6.txt.gz"

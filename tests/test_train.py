@@ -339,9 +339,8 @@ def test_manifest_mismatch_is_a_clear_error(smoke_world, tmp_path):
     assert "tokenizer/merges.txt: missing" in message and "retrain with minipa train" in message
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
-    """torchrun with 2 gloo processes × half the batch ≡ 1 process with the whole batch (VAE stage)."""
+    """torchrun with 2 gloo processes × half the batch ≡ 1 process with the whole batch (VAE stage); ~10 s."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["-m", "minipa.train", "--preset", "smoke", "--stages", "vae", "--no-progress"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
