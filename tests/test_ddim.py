@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler as RefDDIM
 
+from minipa.config import read_config
 from minipa.ddim import DDIMScheduler
 from minipa.ddpm import ScheduleConfig
 from minipa.schedulers import make_scheduler
@@ -96,5 +97,5 @@ def test_bad_input_is_a_clear_error():
 
 def test_make_scheduler_from_a_diffusers_config(tmp_path):
     RefDDIM(**SD15).save_config(tmp_path)
-    s = make_scheduler("ddim", tmp_path / "scheduler_config.json")
+    s = make_scheduler("ddim", read_config(tmp_path / "scheduler_config.json", ScheduleConfig))
     assert isinstance(s, DDIMScheduler) and s.config == ScheduleConfig.sd15()
