@@ -72,7 +72,7 @@ ASSIGNMENTS = (
         hints=("`alphas_cumprod[t]` indexes a (T,) tensor with the (B,) timesteps; move it to x0's device and dtype first.",
                "`abar.reshape(-1, *([1] * (x0.ndim - 1)))` gives (B, 1, 1, 1) for 4-d x0.",
                "The paper writes α_t for the cumulative product that diffusers calls ᾱ_t (`alphas_cumprod`)."),
-        tests=("tests/test_ddpm.py::test_add_noise_equals_diffusers_and_seed_eq1",),
+        tests=("tests/test_ddpm.py::test_add_noise_equals_diffusers_and_paper_eq1",),
         points=10, prerequisites=(), minutes=20,
     ),
     Assignment(
@@ -107,7 +107,7 @@ ASSIGNMENTS = (
         hints=("Both forms are equal; the step form (ε_u + w·Δ) is what diffusers computes, so it matches to the last bit.",
                "w = 1 must give ε_c exactly (the pipeline then skips the unconditional pass)."),
         tests=(
-            "tests/test_guidance.py::test_both_forms_of_seed_eq2_agree",
+            "tests/test_guidance.py::test_both_forms_of_paper_eq2_agree",
             "tests/test_guidance.py::test_w_one_is_the_conditional_prediction",
             "tests/test_guidance.py::test_w_zero_is_the_unconditional_prediction",
         ),

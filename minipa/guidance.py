@@ -14,6 +14,7 @@ pushes samples further towards the condition, trading diversity for fidelity.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -33,3 +34,9 @@ def check_guidance_scale(w) -> float:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
         raise ValueError(f"guidance scale w must be a finite number >= 0 (1 = no guidance, SD default 7.5), got {w!r}")
     return float(w)
+
+
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
+    """The old name of `classifier_free_guidance` (it read like the configs around it); kept for old code, with a warning."""
+    warnings.warn("minipa.guidance.cfg is now classifier_free_guidance", DeprecationWarning, stacklevel=2)
+    return classifier_free_guidance(eps_uncond, eps_cond, w)

@@ -24,7 +24,7 @@ def test_betas_and_alphas_cumprod_equal_diffusers(schedule):
     assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
 
 
-def test_add_noise_equals_diffusers_and_seed_eq1():
+def test_add_noise_equals_diffusers_and_paper_eq1():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
     t = torch.tensor([0, 10, 500, 999])

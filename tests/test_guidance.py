@@ -8,7 +8,7 @@ import torch
 from minipa.guidance import classifier_free_guidance
 
 
-def test_both_forms_of_seed_eq2_agree():
+def test_both_forms_of_paper_eq2_agree():
     u, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     w = 7.5
     torch.testing.assert_close(classifier_free_guidance(u, c, w), w * c + (1 - w) * u)
@@ -28,3 +28,15 @@ def test_w_zero_is_the_unconditional_prediction():
 def test_bad_guidance_scale(w):
     with pytest.raises(ValueError, match="guidance scale w must be a finite number >= 0"):
         classifier_free_guidance(torch.zeros(1), torch.zeros(1), w)
+
+
+def test_the_old_names_still_work_with_a_deprecation_warning(tmp_path):
+    from minipa.guidance import cfg
+    from minipa.schedulers import make_scheduler
+
+    u, c = torch.zeros(3), torch.ones(3)
+    with pytest.warns(DeprecationWarning, match="classifier_free_guidance"):
+        assert torch.equal(cfg(u, c, 2.0), classifier_free_guidance(u, c, 2.0))
+    (tmp_path / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler", "beta_end": 0.02}')
+    with pytest.warns(DeprecationWarning, match="read_config"):
+        assert make_scheduler("ddim", tmp_path / "scheduler_config.json").config.beta_end == 0.02
