@@ -72,7 +72,8 @@ ASSIGNMENTS = (
         hints=("`alphas_cumprod[t]` indexes a (T,) tensor with the (B,) timesteps; move it to x0's device and dtype first.",
                "`abar.reshape(-1, *([1] * (x0.ndim - 1)))` gives (B, 1, 1, 1) for 4-d x0.",
                "The paper writes α_t for the cumulative product that diffusers calls ᾱ_t (`alphas_cumprod`)."),
-        tests=("tests/test_ddpm.py::test_add_noise_equals_diffusers_and_paper_eq1",),
+        tests=("tests/test_ddpm.py::test_add_noise_equals_diffusers_and_paper_eq1",
+               "tests/test_ddpm.py::test_add_noise_and_velocity_keep_the_sample_dtype"),
         points=10, prerequisites=(), minutes=20,
     ),
     Assignment(

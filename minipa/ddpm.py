@@ -149,7 +149,7 @@ class NoiseSchedule:
         return t
 
     def _prev_timestep(self, t: int) -> int:
-        # one inference step back; diffusers uses T // n for every spacing, and so do we
+        # one inference step back: T // n for every spacing, as diffusers' DDIM (DDPM overrides it)
         return t - self.config.num_train_timesteps // self.num_inference_steps
 
     def _x0_and_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor):
@@ -176,6 +176,15 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 class DDPMScheduler(NoiseSchedule):
     """Ancestral sampling from p(x_{t−1} | x_t), with the "fixed_small" posterior variance."""
+
+    def _prev_timestep(self, t: int) -> int:
+        """The next of this schedule's timesteps (−1 after the last), where diffusers' DDPM steps to; with "leading"
+        spacing that is t − T // n, DDIM's step, but "linspace" and "trailing" timesteps are not evenly spaced."""
+        index = (self.timesteps.cpu() == t).nonzero()
+        if len(index) == 0:
+            raise ValueError(f"timestep {t} is not one of this schedule's timesteps {self.timesteps.tolist()}")
+        i = int(index[0])
+        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
 
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, generator: torch.Generator | None = None) -> StepOutput:
         t = self._check_step(t)

@@ -35,6 +35,15 @@ def test_add_noise_equals_diffusers_and_paper_eq1():
     torch.testing.assert_close(add_noise(x0, eps, t, ours.alphas_cumprod), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_noise_and_velocity_keep_the_sample_dtype(dtype):
+    """ᾱ is kept in float32; the noisy sample and the v target come out in the sample's own dtype, as in diffusers."""
+    x0, eps, t = torch.randn(2, 4, 8, 8).to(dtype), torch.randn(2, 4, 8, 8).to(dtype), torch.tensor([3, 700])
+    abar = DDPMScheduler().alphas_cumprod
+    assert add_noise(x0, eps, t, abar).dtype == dtype and velocity(x0, eps, t, abar).dtype == dtype
+    assert reference().add_noise(x0, eps, t).dtype == dtype
+
+
 def test_velocity_equals_diffusers():
     g = torch.Generator().manual_seed(1)
     x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
@@ -73,6 +82,24 @@ def test_ddpm_steps_equal_diffusers(prediction_type):
         b = ref.step(out, t, x, generator=torch.Generator().manual_seed(int(t)))
         torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=0, atol=1e-6)
         torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("settings", [dict(timestep_spacing="linspace"), dict(timestep_spacing="trailing"), dict(steps_offset=0)])
+def test_ddpm_steps_equal_diffusers_for_every_spacing(settings):
+    """Unevenly spaced timesteps (DDPM steps to the next one, not t − T // n); a last step at t = 0, where no noise
+    is added; a step that lands exactly on t = 0 (ᾱ_prev = ᾱ_0)."""
+    ours = DDPMScheduler(ScheduleConfig(**{"steps_offset": 1, **settings}))
+    ref = reference(**settings)
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    for t in ours.timesteps:
+        out = torch.randn(1, 4, 8, 8, generator=g)
+        a = ours.step(out, t, x, generator=torch.Generator().manual_seed(int(t)))
+        b = ref.step(out, t, x, generator=torch.Generator().manual_seed(int(t)))
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=0, atol=1e-6)
+        x = b.prev_sample
 
 
 def test_config_reads_sd15_scheduler_json(tmp_path):

@@ -8,9 +8,9 @@ import torch
 from minipa.guidance import classifier_free_guidance
 
 
-def test_both_forms_of_paper_eq2_agree():
+@pytest.mark.parametrize("w", [0.5, 2.0, 7.5])
+def test_both_forms_of_paper_eq2_agree(w):
     u, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    w = 7.5
     torch.testing.assert_close(classifier_free_guidance(u, c, w), w * c + (1 - w) * u)
 
 
