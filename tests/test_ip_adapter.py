@@ -22,7 +22,7 @@ from minipa.ip_adapter import (
     detach_ip_adapter,
 )
 from minipa.ip_scale import layer_scales, set_ip_scale
-from minipa.loading import load_ip_adapter
+from minipa.loading import load_image_encoder, load_ip_adapter
 from minipa.projections import MLPProjection, Resampler, image_projection
 from minipa.unet import UNet2DConditionModel, UNetConfig
 from minipa.weights import WeightsError
@@ -297,3 +297,26 @@ def test_wrong_adapters_are_named(tmp_path, unet_and_adapter):
         with pytest.raises(WeightsError) as err:
             load_ip_adapter(_bad_adapter(tmp_path, unet, edit), unet)
         assert words in str(err.value) and "bad.safetensors" in str(err.value)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_image_features_and_no_image_equal_diffusers_encode_image(tiny_world, plus):
+    """What the adapter reads (the embedding, or every patch's penultimate hidden state for Plus) and CFG's "no image"
+    (a zero embedding; for Plus the features of an all-zero image) against diffusers' `encode_image`."""
+    from conftest import diffusers_pipeline
+    from PIL import Image
+
+    from minipa.ip_adapter import image_features, uncond_image_features
+    from minipa.preprocess import preprocess_image
+
+    theirs = diffusers_pipeline(tiny_world, adapter="ip_safetensors")
+    image = Image.linear_gradient("L").convert("RGB").resize((300, 200))
+    expected, expected_uncond = theirs.encode_image(image, "cpu", 1, output_hidden_states=plus)
+    ours = load_image_encoder(tiny_world["image_encoder"])
+    with torch.no_grad():
+        got = image_features(ours, preprocess_image(image), plus)
+        got_uncond = uncond_image_features(ours, got, plus)
+    assert got.shape == expected.shape and got_uncond.shape == expected_uncond.shape
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_uncond, expected_uncond, atol=1e-4, rtol=0)
+    assert got_uncond.abs().max() > 0 if plus else torch.equal(got_uncond, torch.zeros_like(got))
