@@ -65,7 +65,7 @@ def decoupled_attention(q, k, v, k_ip, v_ip, scale: float) -> torch.Tensor:
 class DecoupledCrossAttention(nn.Module):
     """A UNet cross-attention with an image branch. `to_q/to_k/to_v/to_out` are the original layer's own modules."""
 
-    def __init__(self, base: Attention, kv: ImageKeyValue, scale: float = 1.0):
+    def __init__(self, base: nn.Module, kv: ImageKeyValue, scale: float = 1.0):
         super().__init__()
         self.heads, self.head_dim = base.heads, base.head_dim
         self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out  # shared, not copied
@@ -180,9 +180,8 @@ def attach_ip_adapter(unet: nn.Module, adapter: IPAdapter, scale: float = 1.0) -
     if sorted(map(int, adapter.layers)) != [i for i, _, _ in layers]:
         raise ValueError(f"this IP-Adapter has layers {sorted(map(int, adapter.layers))}, "
                          f"but the UNet's cross-attention layers are numbered {[i for i, _, _ in layers]}")
-    for i, name, attn in layers:
-        base = attn.plain() if isinstance(attn, DecoupledCrossAttention) else attn
-        _set_module(unet, name, DecoupledCrossAttention(base, adapter.layers[str(i)], scale))
+    for i, name, attn in layers:  # `attn` may already be decoupled: its text projections are taken, its image ones not
+        _set_module(unet, name, DecoupledCrossAttention(attn, adapter.layers[str(i)], scale))
 
 
 def detach_ip_adapter(unet: nn.Module) -> None:

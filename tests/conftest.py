@@ -16,7 +16,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))  # mutmut: 1
 
 # Hypothesis draws the same examples on every run (CI included), so a failure can be replayed;
 # `HYPOTHESIS_PROFILE=explore pytest tests/test_reliability.py` draws new ones, to look for more.

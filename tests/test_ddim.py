@@ -99,3 +99,18 @@ def test_make_scheduler_from_a_diffusers_config(tmp_path):
     RefDDIM(**SD15).save_config(tmp_path)
     s = make_scheduler("ddim", read_config(tmp_path / "scheduler_config.json", ScheduleConfig))
     assert isinstance(s, DDIMScheduler) and s.config == ScheduleConfig.sd15()
+
+
+@pytest.mark.parametrize("settings", [dict(set_alpha_to_one=True, steps_offset=0), dict(clip_sample=True),
+                                      dict(clip_sample=True, prediction_type="v_prediction")])
+def test_steps_to_t_zero_and_clipped_samples_equal_diffusers(settings):
+    """A step that lands exactly on t = 0 (ᾱ_0, not the final ᾱ = 1), and x̂0 clipped to ±clip_sample_range."""
+    ours, ref = pair(**{"clip_sample_range": 0.5, **settings})
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    g = torch.Generator().manual_seed(3)
+    for t in ours.timesteps:
+        x, out = torch.randn(1, 4, 8, 8, generator=g), 2 * torch.randn(1, 4, 8, 8, generator=g)
+        a, b = ours.step(out, t, x), ref.step(out, t, x)
+        torch.testing.assert_close(a.prev_sample, b.prev_sample, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.pred_original_sample, b.pred_original_sample, rtol=0, atol=1e-6)

@@ -168,3 +168,57 @@ def test_make_betas_is_monotone_and_in_range():
     betas = make_betas(ScheduleConfig())
     assert betas.shape == (1000,) and betas.dtype == torch.float32
     assert torch.all(betas[1:] > betas[:-1]) and 0 < betas[0] < betas[-1] < 1
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(prediction_type="sample"), "prediction_type='sample' is not supported; expected one of 'epsilon', 'v_prediction'"),
+    (dict(timestep_spacing="karras"), "timestep_spacing='karras' is not supported; expected one of 'leading', 'trailing'"),
+    (dict(num_train_timesteps=0), "num_train_timesteps must be a positive integer, got 0"),
+    (dict(num_train_timesteps=10.0), "num_train_timesteps must be a positive integer, got 10.0"),
+    (dict(beta_start=0.0), "expected 0 < beta_start <= beta_end < 1, got 0.0 and 0.012"),
+    (dict(beta_end=1.0), "expected 0 < beta_start <= beta_end < 1, got 0.00085 and 1.0"),
+])
+def test_impossible_schedules_are_refused_by_name(settings, words):
+    with pytest.raises(ValueError) as err:
+        ScheduleConfig(**settings)
+    assert words in str(err.value)
+
+
+def test_edge_schedules_are_allowed():
+    """One training step, and a constant β (beta_start = beta_end), are odd but well defined."""
+    assert DDPMScheduler(ScheduleConfig(num_train_timesteps=1)).betas.shape == (1,)
+    assert torch.equal(make_betas(ScheduleConfig(beta_schedule="linear", beta_start=0.01, beta_end=0.01)), torch.full((1000,), 0.01))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear"])
+def test_betas_are_float32_whatever_the_default_dtype(schedule):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert make_betas(ScheduleConfig(beta_schedule=schedule)).dtype == torch.float32  # as diffusers' schedules
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_a_step_needs_a_timestep_of_the_schedule():
+    s = DDPMScheduler()
+    with pytest.raises(ValueError, match=r"call set_timesteps\(num_steps\) before step\(\): the step size depends on it"):
+        s.step(torch.zeros(1), 981, torch.zeros(1))
+    s.set_timesteps(1000)
+    with pytest.raises(ValueError) as err:
+        s.step(torch.zeros(1), 1000, torch.zeros(1))
+    assert str(err.value).startswith("timestep 1000 is outside the training schedule [0, 999] (leading spacing")
+    with pytest.raises(ValueError) as err:
+        s.step(torch.zeros(1), -1, torch.zeros(1))
+    assert str(err.value) == "timestep -1 is outside the training schedule [0, 999]"
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"timestep 500 is not one of this schedule's timesteps \[901, 801"):
+        s.step(torch.zeros(1), 500, torch.zeros(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ddpm_noise_has_the_sample_dtype(dtype):
+    s = DDPMScheduler()
+    s.set_timesteps(10)
+    out = s.step(torch.randn(1, 4, 8, 8).to(dtype), 901, torch.randn(1, 4, 8, 8).to(dtype), generator=torch.Generator().manual_seed(0))
+    assert out.prev_sample.dtype == dtype

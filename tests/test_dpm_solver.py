@@ -58,3 +58,33 @@ def test_out_of_order_steps_are_a_clear_error():
     sampler.step(torch.zeros(1, 4, 8, 8), first, torch.zeros(1, 4, 8, 8))
     with pytest.raises(ValueError, match=f"in order; got t={int(first)}, expected {int(second)}"):
         sampler.step(torch.zeros(1, 4, 8, 8), first, torch.zeros(1, 4, 8, 8))
+
+
+def test_finished_schedule_and_dtypes():
+    sampler = make_scheduler("dpm++")
+    sampler.set_timesteps(2)
+    assert sampler.timesteps.dtype == torch.int64
+    x = torch.randn(1, 4, 8, 8).to(torch.float16)
+    for t in sampler.timesteps:
+        out = sampler.step(torch.randn(1, 4, 8, 8).to(torch.float16), t, x)
+        assert out.prev_sample.dtype == out.pred_original_sample.dtype == torch.float16
+        x = out.prev_sample
+    with pytest.raises(ValueError) as err:
+        sampler.step(torch.zeros(1, 4, 8, 8), sampler.timesteps[-1], torch.zeros(1, 4, 8, 8))
+    assert "expected none: the schedule is finished (set_timesteps starts over)" in str(err.value)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_predicted_x0_equals_diffusers(prediction_type):
+    ours, ref = pair(prediction_type=prediction_type)
+    ours.set_timesteps(5)
+    ref.set_timesteps(5)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    for t in ours.timesteps:
+        out = torch.randn(1, 4, 8, 8, generator=g)
+        x0 = ours.step(out, t, x).pred_original_sample
+        if ref.step_index is None:
+            ref._init_step_index(t)  # diffusers sets it in its first step(); convert_model_output reads it
+        torch.testing.assert_close(x0, ref.convert_model_output(out, sample=x), atol=1e-5, rtol=1e-5)
+        x = ref.step(out, t, x).prev_sample

@@ -185,6 +185,33 @@ def test_attach_shares_weights_and_detach_restores_the_unet(unet_and_adapter):
     assert torch.equal(unet(x, t, text), plain)
 
 
+def test_without_image_tokens_an_attached_unet_is_plain_sd_and_a_second_adapter_replaces_the_first(unet_and_adapter):
+    unet, adapter = unet_and_adapter
+    x, t, text = torch.randn(1, 4, 16, 16), 300, torch.randn(1, 77, unet.config.cross_attention_dim)
+    plain, to_q = unet(x, t, text), cross_attention_layers(unet)[0][2].to_q
+    attach_ip_adapter(unet, adapter, scale=0.7)
+    assert torch.equal(unet(x, t, text), plain)  # no image prompt: each layer's text branch alone
+    other = IPAdapter.for_unet(unet, image_embed_dim=16, num_tokens=8)
+    assert other.image_embed_dim == 16 and other.image_tokens(torch.randn(2, 16)).shape == (2, 8, unet.config.cross_attention_dim)
+    attach_ip_adapter(unet, other, scale=0.7)
+    index, _, first = cross_attention_layers(unet)[0]
+    assert first.to_k_ip is other.layers[str(index)].to_k_ip and first.to_q is to_q  # the new Wk′, the same Wq
+    detach_ip_adapter(unet)
+    assert torch.equal(unet(x, t, text), plain)
+    with pytest.raises(ValueError) as err:
+        attach_ip_adapter(unet, IPAdapter(16, unet.config.cross_attention_dim, {1: 32}))
+    numbers = [i for i, _, _ in cross_attention_layers(unet)]
+    assert str(err.value) == f"this IP-Adapter has layers [1], but the UNet's cross-attention layers are numbered {numbers}"
+
+
+def test_plus_tokens_from_one_or_several_images(unet_and_adapter):
+    unet, _ = unet_and_adapter
+    D = unet.config.cross_attention_dim
+    plus = IPAdapter.for_unet(unet, 16, 6, image_projection(16, D, 6, resampler={"hidden_dim": 128}))
+    assert plus.plus and plus.image_tokens(torch.randn(2, 5, 16)).shape == (2, 6, D)  # (B, L, E): one image
+    assert plus.image_tokens(torch.randn(2, 3, 5, 16)).shape == (2, 18, D)  # (B, n, L, E): three images, one attention
+
+
 def test_init_from_text_attention_copies_wk_and_wv(unet_and_adapter):
     unet, adapter = unet_and_adapter
     adapter.init_from_text_attention(unet)
