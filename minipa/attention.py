@@ -107,7 +107,6 @@ class Attention(nn.Module):
         heads: int = 8,
         head_dim: int | None = None,
         qkv_bias: bool = False,
-        out_bias: bool = True,
     ):
         super().__init__()
         context_dim = context_dim or query_dim
@@ -121,13 +120,13 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias)])
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, Lq, query_dim); context: (B, Lk, context_dim) or None → (B, Lq, query_dim)."""
         context = x if context is None else context
         q = split_heads(self.to_q(x), self.heads)  # Q = x·Wq        (B, heads, Lq, d)
         k = split_heads(self.to_k(context), self.heads)  # K = c·Wk  (B, heads, Lk, d)
         v = split_heads(self.to_v(context), self.heads)  # V = c·Wv  (B, heads, Lk, d)
-        out = attention(q, k, v, mask=mask)  # (B, heads, Lq, d)
+        out = attention(q, k, v)  # (B, heads, Lq, d)
         return self.to_out[0](merge_heads(out))  # (B, Lq, query_dim)

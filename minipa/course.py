@@ -96,6 +96,7 @@ ASSIGNMENTS = (
                "Add fresh noise `_noise_like(model_output, generator)` only when η > 0."),
         tests=(
             "tests/test_ddim.py::test_every_step_equals_diffusers",
+            "tests/test_ddim.py::test_steps_to_t_zero_and_clipped_samples_equal_diffusers",
             "tests/test_ddim.py::test_full_50_step_loop_equals_diffusers",
             "tests/test_ddim.py::test_eta_zero_is_deterministic_and_eta_one_uses_generator",
         ),
@@ -164,6 +165,7 @@ ASSIGNMENTS = (
         hints=("Keep any leading axes: `tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)`.",
                "LayerNorm normalises each token's D features, so a zero embedding gives LayerNorm(bias), not zeros."),
         tests=("tests/test_ip_adapter.py::test_image_projection_gives_n_tokens_and_concatenates_several_images",
+               "tests/test_ip_adapter.py::test_without_image_tokens_an_attached_unet_is_plain_sd_and_a_second_adapter_replaces_the_first",
                "tests/test_ip_adapter.py::test_mlp_projection_equals_diffusers_faceid_projection"),  # MLPProjection reuses forward
         points=5, prerequisites=(), minutes=20,
     ),
@@ -177,6 +179,7 @@ ASSIGNMENTS = (
         tests=(
             "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]",
             "tests/test_ip_adapter.py::test_scale_zero_is_exactly_plain_attention",
+            "tests/test_ip_adapter.py::test_the_image_branch_is_added_with_weight_lambda",
         ),
         points=10, prerequisites=(5, 7), minutes=30,
     ),

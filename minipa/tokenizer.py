@@ -165,7 +165,7 @@ class CLIPTokenizer:
     # ---- step 5: framing, truncation, padding ------------------------------------------------
     def tokenize(self, text: str | list[str]) -> TokenizedText:
         """[start] + tokens + [end], truncated or padded (with <|endoftext|>) to 77; plus the mask."""
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else [None]
         if not all(isinstance(t, str) for t in texts):
             raise TypeError(f"CLIPTokenizer expects a string or a list of strings, got {type(text).__name__}")
         room = self.context_length - 2

@@ -57,6 +57,8 @@ def test_backend_switch_and_context_manager():
 
 
 def test_attention_module_self_and_cross_shapes_and_key_names():
+    sd = Attention(query_dim=320)
+    assert sd.heads == 8 and sd.head_dim == 40  # SD 1.5's default: 8 heads
     attn = Attention(query_dim=32, context_dim=24, heads=4)
     x, c = torch.randn(2, 10, 32), torch.randn(2, 77, 24)
     assert attn(x, c).shape == (2, 10, 32)

@@ -11,7 +11,7 @@ from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, IPAdapte
 from safetensors.torch import save_file
 
 from minipa import keymap
-from minipa.attention import Attention, attention_backend
+from minipa.attention import Attention, attention, attention_backend
 from minipa.ip_adapter import (
     DecoupledCrossAttention,
     ImageKeyValue,
@@ -141,6 +141,13 @@ def test_decoupled_attention_layer_equals_diffusers_ip_processor(backend):
     expected = ref(x, encoder_hidden_states=(text, [image[:, None]]))
     with attention_backend(backend):
         assert (ours(x, text, image_tokens=image) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3])
+def test_the_image_branch_is_added_with_weight_lambda(scale):
+    q, k, v, k_ip, v_ip = torch.randn(5, 2, 4, 6, 8).unbind(0)
+    expected = attention(q, k, v) + scale * attention(q, k_ip, v_ip)
+    torch.testing.assert_close(decoupled_attention(q, k, v, k_ip, v_ip, scale), expected)
 
 
 def test_scale_zero_is_exactly_plain_attention():

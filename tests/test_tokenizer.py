@@ -147,9 +147,20 @@ def test_call_returns_ids_padded_with_endoftext(ours):
 
 def test_long_prompt_is_truncated_with_a_warning_counting_dropped_tokens(ours):
     text = " ".join(["cat"] * 80)  # 80 tokens + start + end
-    with pytest.warns(UserWarning, match=r"last 5 tokens were dropped"):
-        ids = ours(text)
+    with pytest.warns(UserWarning, match=r"^The prompt is 82 tokens long; CLIP reads only 77, so the last 5 tokens were dropped") as record:
+        ids = ours.tokenize(text).input_ids
+    assert record[0].filename == __file__  # the warning points at the caller
     assert ids[0, -1] == 49407 and ids[0, -2] == ours.vocab["cat</w>"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly 75 tokens fit: no warning
+        assert ours(" ".join(["cat"] * 75))[0, -2:].tolist() == [ours.vocab["cat</w>"], 49407]
+
+
+def test_bad_input_and_vocabulary_are_named(ours):
+    with pytest.raises(TypeError, match="^CLIPTokenizer expects a string or a list of strings, got int$"):
+        ours.tokenize(3)
+    with pytest.raises(TokenizerError, match="^the vocabulary has no '<|startoftext|>' token; is this a CLIP vocab.json"):
+        type(ours)({"a": 0}, [])
 
 
 def test_bpe_gz_and_folder_give_the_same_tokenizer(ours):
