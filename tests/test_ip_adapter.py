@@ -15,6 +15,7 @@ from minipa.attention import Attention, attention, attention_backend
 from minipa.ip_adapter import (
     DecoupledCrossAttention,
     ImageKeyValue,
+    ImageProjection,
     IPAdapter,
     attach_ip_adapter,
     cross_attention_layers,
@@ -219,6 +220,15 @@ def test_plus_tokens_from_one_or_several_images(unet_and_adapter):
     assert plus.image_tokens(torch.randn(2, 3, 5, 16)).shape == (2, 18, D)  # (B, n, L, E): three images, one attention
 
 
+def test_defaults_are_the_papers(unet_and_adapter):
+    """N = 4 image tokens (§3.2.1) and λ = 1, the weight the adapter is trained with, unless told otherwise."""
+    unet, adapter = unet_and_adapter
+    assert ImageProjection(16, 32).num_tokens == 4 and IPAdapter(16, 32, {1: 64}).image_proj.num_tokens == 4
+    assert DecoupledCrossAttention(Attention(64, 32), ImageKeyValue(32, 64)).scale == 1.0
+    attach_ip_adapter(unet, adapter)
+    assert {layer.scale for _, _, layer in cross_attention_layers(unet)} == {1.0}
+
+
 def test_init_from_text_attention_copies_wk_and_wv(unet_and_adapter):
     unet, adapter = unet_and_adapter
     adapter.init_from_text_attention(unet)
@@ -348,8 +358,8 @@ def test_image_features_and_no_image_equal_diffusers_encode_image(tiny_world, pl
     expected, expected_uncond = theirs.encode_image(image, "cpu", 1, output_hidden_states=plus)
     ours = load_image_encoder(tiny_world["image_encoder"])
     with torch.no_grad():
-        got = image_features(ours, preprocess_image(image), plus)
-        got_uncond = uncond_image_features(ours, got, plus)
+        got = image_features(ours, preprocess_image(image), plus) if plus else image_features(ours, preprocess_image(image))
+        got_uncond = uncond_image_features(ours, got, plus) if plus else uncond_image_features(ours, got)  # the default: base
     assert got.shape == expected.shape and got_uncond.shape == expected_uncond.shape
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     torch.testing.assert_close(got_uncond, expected_uncond, atol=1e-4, rtol=0)
