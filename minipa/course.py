@@ -127,6 +127,7 @@ ASSIGNMENTS = (
             "tests/test_attention.py::test_explicit_and_sdpa_paths_agree",
             "tests/test_attention.py::test_explicit_and_sdpa_agree_with_causal_mask",
             "tests/test_attention.py::test_explicit_attention_is_the_softmax_equation",
+            "tests/test_attention.py::test_the_backend_decides_which_path_runs",
             "tests/test_attention.py::test_attention_module_matches_diffusers[True-False]",
             "tests/test_attention.py::test_attention_module_matches_diffusers[True-True]",
             "tests/test_clip.py::test_text_encoder_causal_mask_explicit_and_sdpa_agree",

@@ -86,3 +86,22 @@ def test_attention_module_matches_diffusers(cross, explicit):
     with torch.no_grad(), attention_backend("explicit" if explicit else "sdpa"):
         diff = (ours(x, c) - ref(x, c)).abs().max().item()
     assert diff < 1e-5
+
+
+def test_the_backend_decides_which_path_runs(monkeypatch):
+    """"sdpa" calls PyTorch's fused kernel, "explicit" never does; explicit=… overrides the backend for one call."""
+    import minipa.attention as module
+
+    calls = []
+    fused = module.F.scaled_dot_product_attention
+    monkeypatch.setattr(module.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    q, k, v = _qkv()
+    attention(q, k, v)
+    assert calls == [1] and get_attention_backend() == "sdpa"
+    with attention_backend("explicit"):
+        attention(q, k, v)
+        assert calls == [1]
+        attention(q, k, v, explicit=False)
+        assert calls == [1, 1]
+    attention(q, k, v, explicit=True)
+    assert calls == [1, 1]
