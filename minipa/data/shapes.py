@@ -15,7 +15,7 @@ machine and in every run, so the data never has to be stored. Splits:
 - "train": scenes whose (shape, colour, background) combination is one of the training combinations;
 - "test": new scenes (other random draws) of the training combinations — images never seen in training;
 - "heldout": scenes of the `held_out_combos()` combinations, which training never shows at all.
-The seed chooses the draws, never the splits: the held-out combinations are the domain's, the same for
+A random seed chooses the draws, never the splits: the held-out combinations are the domain's, the same for
 every seed, so `ShapesDataset("heldout", n, seed=s)` is held out from a world trained with any seed.
 """
 
@@ -75,7 +75,7 @@ def all_combos() -> list[tuple[str, str, str]]:
 @lru_cache(maxsize=None)
 def held_out_combos() -> tuple[tuple[str, str, str], ...]:
     """The (shape, colour, background) combinations that training never sees: a fixed draw of 8 of the 80,
-    the same whatever the seed of a dataset or a world (an evaluation's "held out" must be held out)."""
+    the same whatever random seed a dataset or a world uses (an evaluation's "held out" must be held out)."""
     combos = all_combos()
     order = np.random.default_rng([HELD_OUT_DRAW, 11]).permutation(len(combos))
     return tuple(combos[i] for i in sorted(order[:NUM_HELD_OUT]))
