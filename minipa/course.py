@@ -112,6 +112,7 @@ ASSIGNMENTS = (
             "tests/test_guidance.py::test_both_forms_of_paper_eq2_agree",
             "tests/test_guidance.py::test_w_one_is_the_conditional_prediction",
             "tests/test_guidance.py::test_w_zero_is_the_unconditional_prediction",
+            "tests/test_guidance.py::test_the_old_names_still_work_with_a_deprecation_warning",
         ),
         points=5, prerequisites=(), minutes=15,
     ),
