@@ -32,7 +32,7 @@ import sys
 import tempfile
 import textwrap
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository this minipa was loaded from
@@ -55,6 +55,10 @@ class Assignment:
     points: int
     prerequisites: tuple[int, ...]
     minutes: int  # estimated time
+    # tests that weigh more (or less) than 1, by the name after "::": an assignment's points are shared among its
+    # tests in proportion to their weights (a parametrized entry's weight among its cases), so that the parity
+    # tests can outweigh the diagnostic ones and a solution wrong anywhere earns less than half
+    weights: dict[str, float] = field(default_factory=dict)
 
     @property
     def message(self) -> str:
@@ -460,25 +464,34 @@ def _reason(case) -> str:
     return ""
 
 
+def score(chosen: list[Assignment], results: dict[str, tuple[str, str]]) -> list[dict]:
+    """One row per assignment from the test results: tests passed, points earned, and each test's outcome,
+    message and points (its share of the assignment's points, by `Assignment.weights`; a listed test that
+    did not run is an error worth nothing)."""
+    rows = []
+    for a in chosen:
+        tests, total = [], sum(a.weights.get(pattern.split("::")[-1], 1) for pattern in a.tests)
+        for pattern in a.tests:
+            found = [(nodeid, *r) for nodeid, r in results.items() if _matches(nodeid, pattern)]
+            file = pattern.split("::")[0]
+            found = found or [(pattern, "error", next((m for n, (_, m) in results.items() if file in n), "not run"))]
+            share = a.points * a.weights.get(pattern.split("::")[-1], 1) / total / len(found)
+            tests += [{"id": nodeid, "outcome": outcome, "message": message, "points": share if outcome == "passed" else 0,
+                       "max_points": share} for nodeid, outcome, message in found]
+        rows.append({
+            "number": a.number, "title": a.title, "passed": sum(t["outcome"] == "passed" for t in tests), "total": len(tests),
+            "points": round(sum(t["points"] for t in tests), 1), "max_points": a.points,
+            "tests": [{**t, "points": round(t["points"], 2), "max_points": round(t["max_points"], 2)} for t in tests],
+        })
+    return rows
+
+
 def grade(directory: str | Path = ".", json: bool = False, only: list[int] | None = None, out=None) -> dict:
     """Run the grading tests of every assignment (or those in `only`) in `directory`; print a table or JSON."""
     out = out or sys.stdout
     chosen = _chosen(only)
     nodeids = list(dict.fromkeys(t for a in chosen for t in a.tests))
-    results = run_tests(directory, nodeids)
-    rows = []
-    for a in chosen:
-        tests = []
-        for pattern in a.tests:
-            found = [(nodeid, *r) for nodeid, r in results.items() if _matches(nodeid, pattern)]
-            file = pattern.split("::")[0]
-            tests += found or [(pattern, "error", next((m for n, (_, m) in results.items() if file in n), "not run"))]
-        passed = sum(outcome == "passed" for _, outcome, _ in tests)
-        rows.append({
-            "number": a.number, "title": a.title, "passed": passed, "total": len(tests),
-            "points": round(a.points * passed / len(tests), 1), "max_points": a.points,
-            "tests": [{"id": nodeid, "outcome": outcome, "message": message} for nodeid, outcome, message in tests],
-        })
+    rows = score(chosen, run_tests(directory, nodeids))
     summary = {
         "directory": str(Path(directory).resolve()), "assignments": rows,
         "points": round(sum(r["points"] for r in rows), 1), "max_points": sum(r["max_points"] for r in rows),
