@@ -435,9 +435,13 @@ def run_tests(directory: str | Path, nodeids: list[str]) -> dict[str, tuple[str,
         done = subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True)
         if not report.is_file():
             raise CourseError(f"pytest wrote no report in {directory} (exit code {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        tree = ET.parse(report)
+        return read_report(report)
+
+
+def read_report(report: Path) -> dict[str, tuple[str, str]]:
+    """A pytest JUnit XML report (xunit1) → {nodeid: (outcome, message)}, as `run_tests` returns it."""
     results = {}
-    for case in tree.iter("testcase"):
+    for case in ET.parse(report).iter("testcase"):
         file, name = case.get("file"), case.get("name", "")
         classname = case.get("classname", "")
         if not file:  # a collection error: reported against the module
