@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import DDPMScheduler as RefDDPM
 
 from minipa.config import ConfigError, read_config
@@ -24,15 +25,49 @@ def test_betas_and_alphas_cumprod_equal_diffusers(schedule):
     assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
 
 
-def test_add_noise_equals_diffusers_and_paper_eq1():
-    g = torch.Generator().manual_seed(0)
-    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
-    t = torch.tensor([0, 10, 500, 999])
-    ref = reference()
-    ours = DDPMScheduler()
-    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), rtol=0, atol=1e-6)
-    abar = ours.alphas_cumprod[t].view(-1, 1, 1, 1)
-    torch.testing.assert_close(add_noise(x0, eps, t, ours.alphas_cumprod), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+# ─── Paper eq. 1, the forward process (course assignment 1): one test per property, then the proof ──────
+
+
+def which(value: float, candidates: dict[str, float]) -> str:
+    """Name the quantity a wrong number equals, if it is one a learner might have computed instead."""
+    return next((f" = {name}" for name, c in candidates.items() if abs(value - c) < 1e-4 * max(1.0, abs(c))), "")
+
+
+def coefficients(abar):
+    """What a learner might put in front of x0 or ε instead of √ᾱ_t and √(1−ᾱ_t)."""
+    return {"√ᾱ_t": abar**0.5, "√(1−ᾱ_t)": (1 - abar) ** 0.5, "ᾱ_t: the square root is missing": abar,
+            "1−ᾱ_t: the square root is missing": 1 - abar, "1 − √ᾱ_t, not √(1−ᾱ_t)": 1 - abar**0.5}
+
+
+def test_add_noise_uses_each_samples_own_timestep():
+    """Sample i is noised with ᾱ at its own t_i: a batch gives what each sample gives alone."""
+    abar = DDPMScheduler().alphas_cumprod
+    x0, eps, t = torch.randn(4, 2, 4, 4), torch.randn(4, 2, 4, 4), torch.tensor([999, 10, 500, 250])  # B = W: no shape error
+    advice = "index alphas_cumprod with the (B,) timesteps and reshape ᾱ_t to (B, 1, 1, 1), so that it broadcasts over (C, H, W)"
+    try:
+        batch = add_noise(x0, eps, t, abar)
+    except RuntimeError as error:
+        pytest.fail(f"each sample needs its own ᾱ_t: {advice} ({error})")
+    for i in range(4):
+        alone = add_noise(x0[i : i + 1], eps[i : i + 1], t[i : i + 1], abar)[0]
+        assert torch.allclose(batch[i], alone, atol=1e-6), (
+            f"each sample needs its own ᾱ_t: sample {i} (t = {int(t[i])}) came out differently in a batch than alone; {advice}")
+
+
+@pytest.mark.parametrize("term", ["x0", "ε"])
+def test_add_noise_scales_x0_and_noise_by_the_square_roots_of_paper_eq1(term):
+    """With ε = 0, x_t = √ᾱ_t·x0; with x0 = 0, x_t = √(1−ᾱ_t)·ε (ᾱ_t = alphas_cumprod[t], the paper's α_t)."""
+    abar = DDPMScheduler().alphas_cumprod
+    ones, zeros = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    for t in (10, 250, 500, 999):
+        a = float(abar[t])
+        x_t = add_noise(ones, zeros, torch.tensor([t]), abar) if term == "x0" else add_noise(zeros, ones, torch.tensor([t]), abar)
+        got, want = float(x_t.mean()), (a**0.5 if term == "x0" else (1 - a) ** 0.5)
+        if term == "x0" and abs(got - (1 - a) ** 0.5) < 1e-4:
+            pytest.fail(f"x0 and ε are swapped: x0 must be scaled by √ᾱ_t = {want:.4f} at t = {t}, ε by √(1−ᾱ_t) = {got:.4f}")
+        assert abs(got - want) < 1e-5, (
+            f"{term} must be scaled by {'√ᾱ_t' if term == 'x0' else '√(1−ᾱ_t)'} (paper eq. 1, ᾱ_t = alphas_cumprod[t]): "
+            f"at t = {t} that is {want:.4f}, yours scaled it by {got:.4f}{which(got, coefficients(a))}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -40,8 +75,21 @@ def test_add_noise_and_velocity_keep_the_sample_dtype(dtype):
     """ᾱ is kept in float32; the noisy sample and the v target come out in the sample's own dtype, as in diffusers."""
     x0, eps, t = torch.randn(2, 4, 8, 8).to(dtype), torch.randn(2, 4, 8, 8).to(dtype), torch.tensor([3, 700])
     abar = DDPMScheduler().alphas_cumprod
-    assert add_noise(x0, eps, t, abar).dtype == dtype and velocity(x0, eps, t, abar).dtype == dtype
-    assert reference().add_noise(x0, eps, t).dtype == dtype
+    x_t = add_noise(x0, eps, t, abar)
+    assert x_t.dtype == dtype, f"x_t must keep x0's dtype ({dtype}), got {x_t.dtype}: cast ᾱ_t to x0's dtype before multiplying"
+    assert velocity(x0, eps, t, abar).dtype == dtype and reference().add_noise(x0, eps, t).dtype == dtype
+
+
+def test_add_noise_equals_diffusers_and_paper_eq1():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    ref = reference()
+    ours = DDPMScheduler()
+    torch.testing.assert_close(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), rtol=0, atol=1e-6,
+                               msg=lambda m: f"x_t differs from diffusers' DDPMScheduler.add_noise (paper eq. 1): {m}")
+    abar = ours.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(add_noise(x0, eps, t, ours.alphas_cumprod), abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
 
 
 def test_velocity_equals_diffusers():
@@ -52,11 +100,57 @@ def test_velocity_equals_diffusers():
     torch.testing.assert_close(velocity(x0, eps, t, DDPMScheduler().alphas_cumprod), ref.get_velocity(x0, eps, t), rtol=0, atol=1e-6)
 
 
+# ─── The training loss of paper eq. 1 (course assignment 2) ────────────────────────────────────
+
+
+def test_loss_can_be_backpropagated():
+    """Training differentiates the loss: it stays a 0-dim tensor connected to ε_θ."""
+    eps, prediction = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8, requires_grad=True)
+    loss = diffusion_loss(prediction, eps)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad and loss.shape == (), (
+        "the loss must stay a 0-dim tensor connected to ε_θ, so that training can backpropagate through it "
+        f"(no .item(), .detach() or torch.tensor(…)); yours is a {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}")
+
+
+def test_loss_is_a_mean_not_a_sum():
+    """The same error everywhere gives the same loss whatever the batch and image size."""
+    small, big = torch.randn(2, 4, 8, 8), torch.randn(8, 4, 16, 16)
+    ratio = float(diffusion_loss(big + 0.5, big)) / float(diffusion_loss(small + 0.5, small))
+    named = {"the sum over every element": big.numel() / small.numel(), "a mean per sample, summed over the batch": 4.0}
+    assert abs(ratio - 1) < 1e-5, (
+        f"the loss must be the mean over batch and pixels: the same error everywhere must give the same loss for a "
+        f"(2, 4, 8, 8) and an (8, 4, 16, 16) batch; yours grew {ratio:g}×{which(ratio, named)}")
+
+
+def test_loss_squares_the_error():
+    """‖ε − ε_θ‖²: errors of ±1 and ±3 give 5 times the loss of errors of ±1 alone."""
+    eps = torch.zeros(4, 4, 2, 2)
+    mixed = torch.tensor([1.0, -1.0, 3.0, -3.0]).view(4, 1, 1, 1).expand(4, 4, 2, 2)
+    ratio = float(diffusion_loss(eps + mixed, eps)) / float(diffusion_loss(eps + mixed.sign(), eps))
+    named = {"the mean absolute error: square each error instead": 2.0, "a root of the mean square: drop the square root": 5**0.5}
+    assert abs(ratio - 5) < 1e-5, (
+        f"the loss squares each error (‖ε − ε_θ‖²): errors of ±1 and ±3 must give 5 times the loss of errors of ±1, "
+        f"yours gives {ratio:g} times{which(ratio, named)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_is_computed_in_float32(dtype):
+    """Half-precision training still computes the loss in float32: in float16 an error of 300 squared overflows."""
+    eps = torch.zeros(2, 4, 8, 8)
+    loss, want = diffusion_loss((eps + 300).to(dtype), eps.to(dtype)), diffusion_loss(eps + 300, eps)
+    assert getattr(loss, "dtype", None) == torch.float32 and float(loss) == float(want), (
+        f"compute the loss in float32 (.float() on both tensors first): {dtype} inputs with an error of 300 must give "
+        f"what float32 inputs give, {float(want):g}; yours gives {float(loss):g} as {getattr(loss, 'dtype', type(loss).__name__)}")
+
+
 def test_loss_is_mean_squared_noise_error():
-    eps = torch.randn(2, 4, 8, 8)
-    assert diffusion_loss(eps, eps) == 0
-    assert torch.isclose(diffusion_loss(eps + 0.5, eps), torch.tensor(0.25))
-    assert torch.isclose(diffusion_loss(eps, eps), torch.nn.functional.mse_loss(eps, eps))
+    """The loss diffusers' training scripts use: F.mse_loss(ε_θ.float(), ε.float()) (mean), for any input dtype."""
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        eps, prediction = torch.randn(3, 4, 8, 8, generator=g).to(dtype), torch.randn(3, 4, 8, 8, generator=g).to(dtype)
+        assert diffusion_loss(eps, eps) == 0
+        torch.testing.assert_close(diffusion_loss(prediction, eps), F.mse_loss(prediction.float(), eps.float()),
+                                   msg=lambda m: f"the loss differs from F.mse_loss(ε_θ.float(), ε.float()) for {dtype} inputs: {m}")
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])

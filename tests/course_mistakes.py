@@ -1,0 +1,167 @@
+"""The course's catalogue of wrong solutions: what learners really write, and what the grader must say to them.
+
+Each `Mistake` is the body of an assignment's region as a learner might write it, with the misconception it
+embodies and the words that name it. tests/test_course.py grades every one and asserts that it earns less
+than half of its assignment's points and that its first failing message contains those words: how we know
+that the grader teaches, and does not only count.
+
+Grading happens in one process (`python tests/course_mistakes.py OUT.json NAME…`): for each body, the
+function that holds the region gets the body's code (its `__code__` swapped, so that every reference to
+the function sees the change, as a student copy would), the assignment's grading tests run with
+`pytest.main`, and the function gets its own code back. The reference solution is graded the same way,
+after the mistakes, so the harness is seen to give full marks too (and a mistake that leaked into a
+cache would show).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib
+import inspect
+import json
+import os
+import sys
+import tempfile
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mistake:
+    assignment: int
+    name: str  # the misconception, in a learner's words
+    words: str  # what the first failing message must contain: the words that name the mistake
+    body: str  # the region as the learner wrote it (the region's indentation is added)
+
+
+MISTAKES = (
+    # 1. add_noise: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε
+    Mistake(1, "ᾱ_t and 1−ᾱ_t without square roots", "the square root is missing", """
+        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)].reshape(-1, 1, 1, 1)
+        return abar * x0 + (1 - abar) * noise
+    """),
+    Mistake(1, "x0 and ε swapped", "x0 and ε are swapped", """
+        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)].reshape(-1, 1, 1, 1)
+        return (1 - abar) ** 0.5 * x0 + abar**0.5 * noise
+    """),
+    Mistake(1, "1 − √ᾱ_t as the noise's coefficient", "1 − √ᾱ_t, not √(1−ᾱ_t)", """
+        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)].reshape(-1, 1, 1, 1)
+        return abar**0.5 * x0 + (1 - abar**0.5) * noise
+    """),
+    Mistake(1, "ᾱ_t not reshaped to (B, 1, 1, 1)", "each sample needs its own ᾱ_t", """
+        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
+        return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+    """),
+    # 2. the loss: mean of (ε − ε_θ)² in float32
+    Mistake(2, "the sum instead of the mean", "the sum over every element", """
+        return ((target.float() - prediction.float()) ** 2).sum()
+    """),
+    Mistake(2, "the absolute error (L1)", "the mean absolute error", """
+        return (target.float() - prediction.float()).abs().mean()
+    """),
+    Mistake(2, "not in float32", "compute the loss in float32", """
+        return ((target - prediction) ** 2).mean()
+    """),
+    Mistake(2, "a Python number (.item())", "no .item()", """
+        return ((target.float() - prediction.float()) ** 2).mean().item()
+    """),
+)
+
+
+# ─── Grading a body in this process ──────────────────────────────────────────────────────────────
+
+
+def assignment(number: int):
+    from minipa.course import ASSIGNMENTS
+
+    return ASSIGNMENTS[number - 1]
+
+
+def reference_body(number: int) -> str:
+    from minipa.course import region_body
+
+    a = assignment(number)
+    return textwrap.dedent("\n".join(region_body((ROOT / a.file).read_text(encoding="utf-8"), number)))
+
+
+def _qualname(tree: ast.AST, line: int, prefix: str = "") -> str | None:
+    """The qualified name of the innermost function whose body holds `line` (1-based)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.lineno <= line <= node.end_lineno:
+            name = f"{prefix}{node.name}"
+            inner = _qualname(node, line, f"{name}.<locals>." if isinstance(node, ast.FunctionDef) else f"{name}.")
+            return inner or (name if not isinstance(node, ast.ClassDef) else None)
+    return None
+
+
+def _code(code, qualname: str):
+    """The code object named `qualname` among the constants of `code`, at any depth."""
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            if const.co_qualname == qualname:
+                return const
+            found = _code(const, qualname)
+            if found is not None:
+                return found
+    return None
+
+
+@contextlib.contextmanager
+def solved_with(number: int, body: str):
+    """Inside the block, the function that holds region `number` runs `body` instead of its own code."""
+    from minipa.course import find_regions, replace_region
+
+    a = assignment(number)
+    path = ROOT / a.file
+    text = path.read_text(encoding="utf-8")
+    begin, _, indent = find_regions(text)[number]
+    qualname = _qualname(ast.parse(text), begin + 1)
+    lines = [indent + line if line.strip() else "" for line in textwrap.dedent(body).strip("\n").splitlines()]
+    code = _code(compile(replace_region(text, number, lines), str(path), "exec"), qualname)
+    function = importlib.import_module(a.file.removesuffix(".py").replace("/", "."))
+    for part in qualname.split("."):
+        function = getattr(function, part)
+    function = inspect.unwrap(function)
+    own, function.__code__ = function.__code__, code
+    try:
+        yield
+    finally:
+        function.__code__ = own
+
+
+def grade_body(number: int, body: str) -> dict:
+    """Run assignment `number`'s grading tests with `body` in its region: the assignment's score row, and its
+    first failing message (in the order the assignment lists its tests)."""
+    import pytest
+
+    from minipa.course import read_report, score
+
+    a = assignment(number)
+    with tempfile.TemporaryDirectory() as tmp, solved_with(number, body):
+        report = Path(tmp) / "report.xml"
+        pytest.main(["-p", "no:cacheprovider", "-q", "--no-header", "-o", "console_output_style=classic",
+                     f"--junitxml={report}", "-o", "junit_family=xunit1", *a.tests])
+        row = score([a], read_report(report))[0]
+    row["first_message"] = next((t["message"] for t in row["tests"] if t["outcome"] != "passed"), "")
+    return row
+
+
+def main(out: str, names: list[str]) -> None:
+    """Grade the named mistakes (all if none), then each of their assignments' reference solutions; write JSON."""
+    chosen = [m for m in MISTAKES if not names or m.name in names]
+    rows = []
+    with contextlib.redirect_stdout(sys.stderr):  # pytest's progress lines
+        for m in chosen:
+            rows.append({"name": m.name, **grade_body(m.assignment, m.body)})
+        for number in sorted({m.assignment for m in chosen}):
+            rows.append({"name": "reference", **grade_body(number, reference_body(number))})
+    Path(out).write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main(sys.argv[1], sys.argv[2:])
