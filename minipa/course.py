@@ -105,12 +105,19 @@ ASSIGNMENTS = (
                "`self._x0_and_eps(model_output, x_t, ᾱ_t)` reads the model output as (x0, ε) for ε- and v-prediction.",
                "Add fresh noise `_noise_like(model_output, generator)` only when η > 0."),
         tests=(
+            "tests/test_ddim.py::test_ddim_step_reads_x0_at_abar_t",
+            "tests/test_ddim.py::test_ddim_step_goes_back_one_inference_step",
+            "tests/test_ddim.py::test_ddim_last_step_uses_the_final_alpha",
+            "tests/test_ddim.py::test_ddim_step_with_eta_has_the_direction_and_noise_terms_of_ddim_eq12",
+            "tests/test_ddim.py::test_eta_zero_is_deterministic_and_eta_one_uses_generator",
             "tests/test_ddim.py::test_every_step_equals_diffusers",
             "tests/test_ddim.py::test_steps_to_t_zero_and_clipped_samples_equal_diffusers",
             "tests/test_ddim.py::test_full_50_step_loop_equals_diffusers",
-            "tests/test_ddim.py::test_eta_zero_is_deterministic_and_eta_one_uses_generator",
         ),
         points=15, prerequisites=(1,), minutes=45,
+        # η > 0 (the σ terms) is half of the step: its test outweighs the others, or σ's mistakes would pass at η = 0
+        weights={"test_ddim_step_with_eta_has_the_direction_and_noise_terms_of_ddim_eq12": 7, "test_every_step_equals_diffusers": 4,
+                 "test_full_50_step_loop_equals_diffusers": 2},
     ),
     Assignment(
         4, "Classifier-free guidance", "minipa/guidance.py", "classifier_free_guidance",

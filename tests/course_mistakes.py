@@ -69,6 +69,62 @@ MISTAKES = (
     Mistake(2, "a Python number (.item())", "no .item()", """
         return ((target.float() - prediction.float()) ** 2).mean().item()
     """),
+    # 3. the DDIM step (DDIM eq. 12 and 16)
+    Mistake(3, "σ² missing in the direction term", "σ² is missing", """
+        prev_t = self._prev_timestep(t)
+        abar_t = self.alphas_cumprod[t]
+        final = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
+        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * _noise_like(model_output, generator)
+        return StepOutput(x_prev, x0)
+    """),
+    Mistake(3, "α_t (one step) for ᾱ_t", "not the cumulative product", """
+        prev_t = self._prev_timestep(t)
+        abar_t = self.alphas[t]
+        abar_prev = self.alphas[prev_t] if prev_t >= 0 else torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas[0]
+        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * _noise_like(model_output, generator)
+        return StepOutput(x_prev, x0)
+    """),
+    Mistake(3, "t − 1 as the previous timestep", "one training step back", """
+        prev_t = t - 1
+        abar_t = self.alphas_cumprod[t]
+        final = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
+        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * _noise_like(model_output, generator)
+        return StepOutput(x_prev, x0)
+    """),
+    Mistake(3, "alphas_cumprod[prev_t] after the last step (a negative index)", "a negative index", """
+        prev_t = self._prev_timestep(t)
+        abar_t, abar_prev = self.alphas_cumprod[t], self.alphas_cumprod[prev_t]
+        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
+        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
+        if eta > 0:
+            x_prev = x_prev + sigma * _noise_like(model_output, generator)
+        return StepOutput(x_prev, x0)
+    """),
+    Mistake(3, "σ without η (noise at η = 0)", "η is missing", """
+        prev_t = self._prev_timestep(t)
+        abar_t = self.alphas_cumprod[t]
+        final = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
+        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
+        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
+        sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
+        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
+        return StepOutput(x_prev + sigma * _noise_like(model_output, generator), x0)
+    """),
 )
 
 
