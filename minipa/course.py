@@ -126,12 +126,14 @@ ASSIGNMENTS = (
         hints=("Both forms are equal; the step form (ε_u + w·Δ) is what diffusers computes, so it matches to the last bit.",
                "w = 1 must give ε_c exactly (the pipeline then skips the unconditional pass)."),
         tests=(
-            "tests/test_guidance.py::test_both_forms_of_paper_eq2_agree",
+            "tests/test_guidance.py::test_guidance_steps_from_the_unconditional_towards_the_conditional",
             "tests/test_guidance.py::test_w_one_is_the_conditional_prediction",
             "tests/test_guidance.py::test_w_zero_is_the_unconditional_prediction",
             "tests/test_guidance.py::test_the_old_names_still_work_with_a_deprecation_warning",
+            "tests/test_guidance.py::test_both_forms_of_paper_eq2_agree",
         ),
         points=5, prerequisites=(), minutes=15,
+        weights={"test_both_forms_of_paper_eq2_agree": 4},
     ),
     Assignment(
         5, "Scaled dot-product attention", "minipa/attention.py", "attention (explicit path)",

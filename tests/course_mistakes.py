@@ -125,6 +125,25 @@ MISTAKES = (
         x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
         return StepOutput(x_prev + sigma * _noise_like(model_output, generator), x0)
     """),
+    # 4. classifier-free guidance (paper eq. 2)
+    Mistake(4, "w on the unconditional prediction", "ε_u and ε_c are swapped", """
+        if w == 1:
+            return eps_cond
+        return eps_cond + w * (eps_uncond - eps_cond)
+    """),
+    Mistake(4, "the step taken from ε_c", "a step from ε_c", """
+        if w == 1:
+            return eps_cond
+        return eps_cond + w * (eps_cond - eps_uncond)
+    """),
+    Mistake(4, "only the step w·(ε_c − ε_u)", "ε_u is missing", """
+        return w * (eps_cond - eps_uncond)
+    """),
+    Mistake(4, "ε_u − w·(ε_c − ε_u)", "the sign of (ε_c − ε_u) is flipped", """
+        if w == 1:
+            return eps_cond
+        return eps_uncond - w * (eps_cond - eps_uncond)
+    """),
 )
 
 
