@@ -144,6 +144,9 @@ ASSIGNMENTS = (
                "`scores.masked_fill(~mask, float(\"-inf\"))` before the softmax; softmax over the last axis (the keys).",
                "The test compares with torch's fused `scaled_dot_product_attention`: same math, one kernel."),
         tests=(
+            "tests/test_attention.py::test_attention_weights_over_the_keys_sum_to_one",
+            "tests/test_attention.py::test_attention_divides_the_scores_by_sqrt_d",
+            "tests/test_attention.py::test_masked_keys_get_no_weight",
             "tests/test_attention.py::test_explicit_and_sdpa_paths_agree",
             "tests/test_attention.py::test_explicit_and_sdpa_agree_with_causal_mask",
             "tests/test_attention.py::test_explicit_attention_is_the_softmax_equation",
@@ -156,6 +159,9 @@ ASSIGNMENTS = (
             "tests/test_ip_adapter.py::test_resampler_equals_diffusers_plus_projection[explicit]",
         ),
         points=15, prerequisites=(), minutes=30,
+        # the mask is half of the assignment, and only the causal tests use one
+        weights={"test_masked_keys_get_no_weight": 3, "test_explicit_and_sdpa_agree_with_causal_mask": 5,
+                 "test_text_encoder_causal_mask_explicit_and_sdpa_agree": 4},
     ),
     Assignment(
         6, "The BPE merge loop", "minipa/tokenizer.py", "CLIPTokenizer.bpe",

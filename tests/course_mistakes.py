@@ -144,6 +144,43 @@ MISTAKES = (
             return eps_cond
         return eps_uncond - w * (eps_cond - eps_uncond)
     """),
+    # 5. Softmax(QKᵀ/√d)V with a −inf mask
+    Mistake(5, "no 1/√d", "the 1/√d is missing", """
+        scores = q @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+    """),
+    Mistake(5, "divided by d instead of √d", "divided by d, not by √d", """
+        scores = q @ k.transpose(-2, -1) / q.shape[-1]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+    """),
+    Mistake(5, "softmax over the queries", "not over the queries", """
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-2) @ v
+    """),
+    Mistake(5, "masked scores set to 0, not −inf", "fill with −inf, not 0", """
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(~mask, 0.0)
+        return scores.softmax(dim=-1) @ v
+    """),
+    Mistake(5, "the mask inverted (True = hidden)", "the mask is inverted", """
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            scores = scores.masked_fill(mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
+    """),
+    Mistake(5, "the mask applied to the weights after the softmax", "not the weights after it", """
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
+        if mask is not None:
+            weights = weights * mask
+        return weights @ v
+    """),
 )
 
 
