@@ -172,6 +172,9 @@ ASSIGNMENTS = (
                "Merge every occurrence of the best pair in one left-to-right pass, then look for the next best pair.",
                "Example: 'l o w e r</w>' with ranks (l,o) < (lo,w) < (e,r</w>) ends as ['low', 'er</w>']."),
         tests=(
+            "tests/test_tokenizer.py::test_bpe_stops_when_no_pair_has_a_rank",
+            "tests/test_tokenizer.py::test_bpe_keeps_merging_until_one_symbol_or_no_ranked_pair_is_left",
+            "tests/test_tokenizer.py::test_bpe_merges_the_lowest_ranked_pair_first",
             "tests/test_tokenizer.py::test_ids_and_masks_equal_transformers_on_corpus",
             "tests/test_tokenizer.py::test_unpadded_encode_equals_transformers",
             "tests/test_tokenizer.py::test_call_returns_ids_padded_with_endoftext",
@@ -183,6 +186,7 @@ ASSIGNMENTS = (
             "tests/test_reliability.py::test_fuzz_tokenizer_never_crashes_and_stays_in_vocabulary",
         ),
         points=15, prerequisites=(), minutes=45,
+        weights={"test_ids_and_masks_equal_transformers_on_corpus": 4, "test_unpadded_encode_equals_transformers": 2},
     ),
     Assignment(
         7, "The image projection", "minipa/ip_adapter.py", "ImageProjection.forward",

@@ -181,6 +181,67 @@ MISTAKES = (
             weights = weights * mask
         return weights @ v
     """),
+    # 6. the BPE merge loop
+    Mistake(6, "the highest rank merged first", "you merged the highest rank first", """
+        while len(symbols) > 1:
+            ranked = [p for p in zip(symbols, symbols[1:]) if p in self.ranks]
+            if not ranked:
+                break
+            best = max(ranked, key=self.ranks.get)
+            merged, k = [], 0
+            while k < len(symbols):
+                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
+                    merged.append(symbols[k] + symbols[k + 1])
+                    k += 2
+                else:
+                    merged.append(symbols[k])
+                    k += 1
+            symbols = merged
+    """),
+    Mistake(6, "the leftmost ranked pair merged first", "you merged the leftmost pair that has a rank", """
+        while len(symbols) > 1:
+            ranked = [p for p in zip(symbols, symbols[1:]) if p in self.ranks]
+            if not ranked:
+                break
+            best = ranked[0]
+            merged, k = [], 0
+            while k < len(symbols):
+                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
+                    merged.append(symbols[k] + symbols[k + 1])
+                    k += 2
+                else:
+                    merged.append(symbols[k])
+                    k += 1
+            symbols = merged
+    """),
+    Mistake(6, "pairs without a rank merged too", "pairs that have no rank were merged", """
+        while len(symbols) > 1:
+            pairs = list(zip(symbols, symbols[1:]))
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            merged, k = [], 0
+            while k < len(symbols):
+                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
+                    merged.append(symbols[k] + symbols[k + 1])
+                    k += 2
+                else:
+                    merged.append(symbols[k])
+                    k += 1
+            symbols = merged
+    """),
+    Mistake(6, "one merge, no loop", "look for the best pair again", """
+        pairs = list(zip(symbols, symbols[1:]))
+        if pairs and min(pairs, key=lambda p: self.ranks.get(p, float("inf"))) in self.ranks:
+            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
+            merged, k = [], 0
+            while k < len(symbols):
+                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
+                    merged.append(symbols[k] + symbols[k + 1])
+                    k += 2
+                else:
+                    merged.append(symbols[k])
+                    k += 1
+            symbols = merged
+    """),
 )
 
 

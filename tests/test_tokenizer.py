@@ -7,13 +7,14 @@ import json
 import random
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import SD15_SPECIAL_TOKENS_MAP, SD15_TOKENIZER_CONFIG, write_sd15_tokenizer
 from minipa.loading import load_tokenizer, vocab_from_bpe_gz
-from minipa.tokenizer import TokenizerError
+from minipa.tokenizer import CLIPTokenizer, TokenizerError
 
 BPE_GZ = Path(__file__).resolve().parents[1] / "weights" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -48,6 +49,43 @@ def ours():
 def reference(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     return transformers.CLIPTokenizer.from_pretrained(clip_files_written_independently(tmp_path_factory.mktemp("independent")))
+
+
+# ─── The BPE merge loop (course assignment 6): one test per rule, on merge tables small enough to follow by hand ──
+
+
+def bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
+    """CLIPTokenizer.bpe on a tiny merge table (rank = position in the list), without a vocabulary."""
+    return CLIPTokenizer.bpe(SimpleNamespace(cache={}, ranks={pair: rank for rank, pair in enumerate(merges)}), word)
+
+
+def test_bpe_merges_the_lowest_ranked_pair_first():
+    """The pair earliest in merges.txt goes first, wherever it is in the word; then the next best of what is left."""
+    merges = [("l", "o"), ("e", "r</w>"), ("w", "e"), ("o", "w"), ("low", "er</w>")]
+    got = bpe("lower", merges)
+    named = {("l", "ow", "er</w>"): "you merged the highest rank first; the lowest rank (earliest line of merges.txt) goes first",
+             ("lo", "we", "r</w>"): "you merged the leftmost pair that has a rank; the pair with the lowest rank goes first, wherever it is"}
+    assert got == ["lo", "w", "er</w>"], (
+        f"BPE merges the adjacent pair with the lowest rank first: 'lower' with merges l o, e r</w>, w e, o w (ranks 0–3) must "
+        f"end as ['lo', 'w', 'er</w>'], yours gives {got}" + (f": {named[tuple(got)]}" if tuple(got) in named else ""))
+
+
+def test_bpe_stops_when_no_pair_has_a_rank():
+    """A pair missing from merges.txt is never merged: with no ranked pair left the loop ends."""
+    got = bpe("xyz", [("l", "o")]), bpe("lower", [("l", "o")])
+    assert got == (["x", "y", "z</w>"], ["lo", "w", "e", "r</w>"]), (
+        f"BPE stops when no adjacent pair is in merges.txt (rank ∞): 'xyz' with no merge for its pairs must stay ['x', 'y', "
+        f"'z</w>'] and 'lower' with only l o must end as ['lo', 'w', 'e', 'r</w>']; yours gives {got[0]} and {got[1]}: "
+        "pairs that have no rank were merged")
+
+
+def test_bpe_keeps_merging_until_one_symbol_or_no_ranked_pair_is_left():
+    """After each merge the pairs are looked at again: merges build on merges."""
+    merges = [("l", "o"), ("lo", "w"), ("e", "r</w>"), ("low", "er</w>")]
+    got = bpe("lower", merges)
+    assert got == ["lower</w>"], (
+        f"BPE repeats until one symbol is left or no adjacent pair has a rank: 'lower' with merges l o, lo w, e r</w>, "
+        f"low er</w> must end as ['lower</w>'], yours stops at {got}: after a merge, look for the best pair again")
 
 
 def test_known_prompts_have_clip_s_published_ids(ours):
