@@ -195,10 +195,15 @@ ASSIGNMENTS = (
         teaches="how one global CLIP image embedding becomes a few tokens the UNet's cross-attention can read",
         hints=("Keep any leading axes: `tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)`.",
                "LayerNorm normalises each token's D features, so a zero embedding gives LayerNorm(bias), not zeros."),
-        tests=("tests/test_ip_adapter.py::test_image_projection_gives_n_tokens_and_concatenates_several_images",
+        tests=("tests/test_ip_adapter.py::test_image_tokens_are_layer_normalised",
+               "tests/test_ip_adapter.py::test_image_token_j_is_the_jth_slice_of_the_projection",
+               "tests/test_ip_adapter.py::test_image_projection_keeps_leading_axes",
+               "tests/test_ip_adapter.py::test_image_projection_gives_n_tokens_and_concatenates_several_images",
                "tests/test_ip_adapter.py::test_without_image_tokens_an_attached_unet_is_plain_sd_and_a_second_adapter_replaces_the_first",
-               "tests/test_ip_adapter.py::test_mlp_projection_equals_diffusers_faceid_projection"),  # MLPProjection reuses forward
+               "tests/test_ip_adapter.py::test_mlp_projection_equals_diffusers_faceid_projection",  # MLPProjection reuses forward
+               "tests/test_ip_adapter.py::test_image_projection_equals_diffusers"),
         points=5, prerequisites=(), minutes=20,
+        weights={"test_mlp_projection_equals_diffusers_faceid_projection": 2, "test_image_projection_equals_diffusers": 4},
     ),
     Assignment(
         8, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",

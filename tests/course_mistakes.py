@@ -242,6 +242,18 @@ MISTAKES = (
                     k += 1
             symbols = merged
     """),
+    # 7. the image projection: Linear → (B, N, D) → LayerNorm
+    Mistake(7, "no LayerNorm", "must go through LayerNorm", """
+        return self.proj(image_embeds).reshape(*image_embeds.shape[:-1], self.num_tokens, -1)
+    """),
+    Mistake(7, "reshaped to (B, D, N) and transposed", "not (B, D, N) and a transpose", """
+        tokens = self.proj(image_embeds).reshape(*image_embeds.shape[:-1], -1, self.num_tokens)
+        return self.norm(tokens.transpose(-1, -2))
+    """),
+    Mistake(7, "only the batch axis kept", "keep every leading axis", """
+        tokens = self.proj(image_embeds).reshape(image_embeds.shape[0], self.num_tokens, -1)
+        return self.norm(tokens)
+    """),
 )
 
 

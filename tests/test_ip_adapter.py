@@ -237,6 +237,72 @@ def test_init_from_text_attention_copies_wk_and_wv(unet_and_adapter):
         assert torch.equal(adapter.layers[str(i)].to_v_ip.weight, attn.to_v.weight)
 
 
+# ─── The image projection, paper §3.2.1 (course assignment 7): one test per property, then diffusers ──
+
+
+def plain_projection(E=16, D=32, N=4, seed=0):
+    """An ImageProjection whose LayerNorm is the plain normalisation (weight 1, bias 0): its tokens show it."""
+    torch.manual_seed(seed)
+    proj = ImageProjection(E, D, N)
+    return proj, torch.randn(3, E)
+
+
+def test_image_tokens_are_layer_normalised():
+    """Each of the N tokens goes through LayerNorm over its own D features: mean 0, variance 1 before the affine part."""
+    proj, x = plain_projection()
+    with torch.no_grad():
+        tokens = proj(x)
+    mean, var = tokens.mean(-1), tokens.var(-1, unbiased=False)
+    assert torch.allclose(mean, torch.zeros_like(mean), atol=1e-5) and torch.allclose(var, torch.ones_like(var), atol=1e-3), (
+        "each image token must go through LayerNorm over its D features (paper §3.2.1: Linear, then LayerNorm, self.norm): "
+        f"with the norm's weight 1 and bias 0 every token should have mean 0 and variance 1, yours have means up to "
+        f"{mean.abs().max():.3g} and variances {var.min():.3g}…{var.max():.3g}")
+
+
+def test_image_token_j_is_the_jth_slice_of_the_projection():
+    """The projection's N·D outputs are N tokens side by side: token j is features j·D … (j+1)·D − 1."""
+    proj, x = plain_projection()
+    with torch.no_grad():
+        tokens, flat = proj(x), proj.proj(x)
+    expected = torch.stack([proj.norm(flat[:, j * 32 : (j + 1) * 32]) for j in range(4)], dim=1)
+    interleaved = proj.norm(flat.reshape(3, 32, 4).transpose(1, 2))
+    name = ": yours takes every N-th feature — reshape (B, N·D) → (B, N, D), not (B, D, N) and a transpose" if torch.allclose(tokens, interleaved, atol=1e-5) else ""
+    assert torch.allclose(tokens, expected, atol=1e-5), (
+        f"token j must be features j·D … (j+1)·D − 1 of the projection, normalised (reshape the (B, N·D) output to (B, N, D)){name}")
+
+
+def test_image_projection_keeps_leading_axes():
+    """Several images arrive as (B, n_images, E) and leave as (B, n_images, N, D), each image's tokens its own."""
+    proj, _ = plain_projection()
+    x = torch.randn(3, 2, 16)
+    rule = "keep every leading axis: (…, E) → (…, N, D) — reshape to (*image_embeds.shape[:-1], N, D), not (image_embeds.shape[0], N, D)"
+    try:
+        with torch.no_grad():
+            tokens = proj(x)
+    except RuntimeError as error:
+        pytest.fail(f"{rule}; with (3, 2, E) embeddings yours fails: {error}")
+    assert tokens.shape == (3, 2, 4, 32), f"{rule}; (3, 2, E) embeddings gave {tuple(tokens.shape)}, not (3, 2, 4, 32)"
+    with torch.no_grad():
+        assert torch.allclose(tokens[:, 1], proj(x[:, 1]), atol=1e-6), f"{rule}; image 2's tokens differ from what it gives alone"
+
+
+def test_image_projection_equals_diffusers():
+    """diffusers' ImageProjection (image_embeds = our proj, norm), every weight random; one image or two per sample."""
+    from diffusers.models.embeddings import ImageProjection as RefImageProjection
+
+    torch.manual_seed(1)
+    ref = RefImageProjection(image_embed_dim=16, cross_attention_dim=32, num_image_text_embeds=4)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, 0, 0.5)
+    ours = ImageProjection(16, 32, 4)
+    ours.load_state_dict({k.replace("image_embeds.", "proj."): v for k, v in ref.state_dict().items()})
+    x = torch.randn(3, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x[:, 0]), ref(x[:, 0]), msg=lambda m: f"the image tokens differ from diffusers' ImageProjection: {m}")
+        torch.testing.assert_close(ours(x).reshape(6, 4, 32), ref(x.reshape(6, 16)),
+                                   msg=lambda m: f"with two images per sample the tokens differ from diffusers' ImageProjection: {m}")
+
+
 def test_image_projection_gives_n_tokens_and_concatenates_several_images(unet_and_adapter):
     _, adapter = unet_and_adapter
     D = adapter.image_proj.norm.normalized_shape[0]
