@@ -12,6 +12,7 @@ from pathlib import Path
 from minipa import __version__
 
 DTYPES = ("float32", "float16", "bfloat16")
+COMBINE_MODES = ("concat", "add", "subtract", "average", "norm_average")  # minipa.image_prompt.COMBINE_MODES (not imported: torch)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a transformers CLIPVisionModelWithProjection folder (default: image_encoder/ beside the adapter or in the model)")
     gen.add_argument("--scale", type=_scale, default=0.6,
                      help='IP-Adapter strength λ: a number (default 0.6), or per block as JSON, e.g. \'{"up": {"block_1": 1.0}}\'')
+    _add_image_prompt_controls(gen)
     gen.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale w (default 7.5; 1 = off)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0); the same seed gives the same image")
@@ -48,9 +50,64 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    _add_encode_image(commands)
     _add_course(commands)
     _add_train_and_eval(commands)
     return parser
+
+
+def _add_image_prompt_controls(gen) -> None:
+    gen.add_argument("--negative-image-prompt", action="append", default=None, metavar="IMG",
+                     help="an image to steer away from: the unconditional branch's image prompt (one, or one per --image-prompt)")
+    gen.add_argument("--ip-embeds", metavar="FILE", help="image-prompt features saved by `minipa encode-image` (instead of --image-prompt)")
+    gen.add_argument("--ip-combine", choices=COMBINE_MODES, default="concat",
+                     help="how several image prompts become one (default concat: every image's tokens side by side)")
+    gen.add_argument("--ip-weights", type=float, nargs="+", metavar="W", help="one weight per image prompt, for --ip-combine add/subtract/average/norm_average")
+    gen.add_argument("--ip-steps", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
+                     help="the image prompt acts only at the steps i of T with START ≤ i/T ≤ END (default 0 1: every step)")
+    gen.add_argument("--ip-mask", action="append", default=None, metavar="IMG",
+                     help="a region mask (white = here) per image prompt, the image's aspect ratio; repeat in the order of the prompts")
+
+
+def _add_encode_image(commands) -> None:
+    enc = commands.add_parser(
+        "encode-image", help="encode image prompts once and save them (for generate --ip-embeds)",
+        description="Run the IP-Adapter's image encoder on image prompts (and a negative image prompt) and save the "
+        "features to a .safetensors file; `minipa generate --ip-embeds FILE` then needs no image encoder run.")
+    enc.add_argument("images", nargs="+", metavar="IMG", help="the image prompt(s)")
+    enc.add_argument("--negative-image-prompt", action="append", default=None, metavar="IMG",
+                     help="the unconditional branch's image (default: no image, as in the paper)")
+    enc.add_argument("--ip-adapter", metavar="FILE", help="the IP-Adapter the features are for (default: the tiny model's)")
+    enc.add_argument("--model", help="the SD 1.x model the adapter is attached to (default: the tiny model)")
+    enc.add_argument("--image-encoder", metavar="DIR", help="a CLIPVisionModelWithProjection folder (default: beside the adapter or in the model)")
+    enc.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the features")
+    enc.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
+    enc.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    enc.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype (default float32)")
+    enc.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def encode_image(args) -> int:
+    import torch
+
+    from minipa.pipeline import load_pipeline
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out must end in .safetensors, got {args.out!r}")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    pipe = load_pipeline(args.model, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
+                         device=args.device, dtype=getattr(torch, args.dtype))
+    prompt = pipe.encode_image_prompt(args.images, args.negative_image_prompt)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.safetensors")
+    try:
+        prompt.save(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}: {len(prompt.features)} image prompt(s), {prompt.kind.replace('_', ' ')} {tuple(prompt.features.shape)}")
+    return 0
 
 
 def _add_train_and_eval(commands) -> None:
@@ -187,7 +244,9 @@ def generate(args) -> int:
                          device=args.device, dtype=getattr(torch, args.dtype))
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt,
-        "ip_image": args.image_prompt or None, "ip_scale": args.scale if args.image_prompt else None,
+        "ip_image": args.image_prompt or None, "ip_scale": args.scale if args.image_prompt or args.ip_embeds else None,
+        "negative_ip_image": args.negative_image_prompt, "ip_embeds": args.ip_embeds, "ip_combine": args.ip_combine,
+        "ip_weights": args.ip_weights, "ip_steps": list(args.ip_steps), "ip_masks": args.ip_mask,
         "num_steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
         "height": args.height, "width": args.width, "scheduler": args.scheduler,
     }
@@ -224,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate(args)
+        if args.command == "encode-image":
+            return encode_image(args)
         if args.command == "course":
             return course(args)
         if args.command == "train":

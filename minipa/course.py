@@ -270,6 +270,14 @@ NEEDS_EVERY_ASSIGNMENT = (
         "ip_adapter_plus_equals_diffusers", "ip_adapter_plus_with_two_image_prompts_equals_diffusers",
         "mlp_image_projection_equals_diffusers_faceid_layout", "dpm_solver_with_an_image_prompt_equals_diffusers",
     )),
+    *(f"tests/test_image_prompt.py::test_{name}" for name in (  # the image-prompt controls, end to end
+        "regions_with_two_image_prompts_equal_diffusers", "negative_image_prompt_equals_diffusers",
+        "saved_features_equal_encoding_on_the_fly_and_diffusers_embeds", "step_range_end_equals_diffusers_cutoff_callback",
+        "full_step_range_is_no_range_and_an_empty_one_is_plain_sd", "combining_one_image_is_that_image",
+        "add_sums_the_features_for_the_base_adapter_and_the_tokens_for_plus", "an_all_ones_mask_is_no_mask",
+        "bad_image_prompt_controls_are_clear_errors", "features_for_another_adapter_or_encoder_are_refused",
+        "cli_encodes_once_and_generates_from_the_file", "cli_combines_with_weights",
+    )),
     *(f"tests/test_reliability.py::test_{name}" for name in (  # generation with odd inputs
         "bad_input", "image_prompt_without_adapter", "odd_images_work", "empty_and_very_long_prompts",
         "nan_guard_names_the_step", "half_precision_on_cpu_works",

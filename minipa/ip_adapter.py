@@ -18,9 +18,11 @@ The variants that swap piece 1 for something bigger (FaceID's MLP, Plus's Resamp
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from minipa.attention import Attention, attention, merge_heads, split_heads
@@ -71,6 +73,7 @@ class DecoupledCrossAttention(nn.Module):
         self.to_q, self.to_k, self.to_v, self.to_out = base.to_q, base.to_k, base.to_v, base.to_out  # shared, not copied
         self.to_k_ip, self.to_v_ip = kv.to_k_ip, kv.to_v_ip
         self.scale = scale  # λ
+        self.masks = None  # regions: (n_prompts, H, W) in 0/1, or None (see `ip_scale.set_ip_masks`)
 
     def forward(self, x, context, image_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, HW, C); context: text tokens (B, 77, D); image_tokens: (B, N, D) or None → (B, HW, C)."""
@@ -80,7 +83,12 @@ class DecoupledCrossAttention(nn.Module):
             return self.to_out[0](merge_heads(attention(q, k, v)))  # no image prompt: the text branch alone
         k_ip = split_heads(self.to_k_ip(image_tokens), self.heads)  # K′ = c_i·Wk′  (B, heads, N, d)
         v_ip = split_heads(self.to_v_ip(image_tokens), self.heads)  # V′ = c_i·Wv′
-        out = decoupled_attention(q, k, v, k_ip, v_ip, self.scale)  # (B, heads, HW, d)
+        if self.masks is None:
+            out = decoupled_attention(q, k, v, k_ip, v_ip, self.scale)  # (B, heads, HW, d)
+        else:  # regions: each image prompt attended on its own, its output weighted per query by its mask
+            weights = mask_weights(self.masks, q.shape[2]).to(q.dtype)  # (n, HW)
+            parts = zip(k_ip.chunk(len(weights), dim=2), v_ip.chunk(len(weights), dim=2), weights)
+            out = attention(q, k, v) + self.scale * sum(attention(q, kj, vj) * m[:, None] for kj, vj, m in parts)
         return self.to_out[0](merge_heads(out))
 
     def plain(self) -> Attention:
@@ -89,6 +97,14 @@ class DecoupledCrossAttention(nn.Module):
             attn = Attention(self.to_q.in_features, self.to_k.in_features, heads=self.heads, head_dim=self.head_dim)
         attn.to_q, attn.to_k, attn.to_v, attn.to_out = self.to_q, self.to_k, self.to_v, self.to_out
         return attn
+
+
+def mask_weights(masks: torch.Tensor, num_queries: int) -> torch.Tensor:
+    """Region masks (n, H, W) → (n, num_queries): each resized (bicubic) to a layer's h×w grid of queries,
+    h·w = num_queries with the masks' aspect ratio: the rule of diffusers' `IPAdapterMaskProcessor.downsample`."""
+    h = int(math.sqrt(num_queries / (masks.shape[2] / masks.shape[1])))
+    h += num_queries % h != 0
+    return F.interpolate(masks[None], size=(h, num_queries // h), mode="bicubic")[0].flatten(1)
 
 
 # ─── Where the adapter plugs in ─────────────────────────────────────────────────────────────────

@@ -1,4 +1,5 @@
-"""λ, the image branch's weight at inference (paper §3.2.3): one number, or one per block (InstantStyle).
+"""λ, the image branch's weight at inference (paper §3.2.3): one number, or one per block (InstantStyle),
+and per query: region masks, one per image prompt (`set_ip_masks`).
 
 InstantStyle showed that the UNet's blocks do different jobs (one up block carries style, one down
 block layout), so λ may be a mapping that weights each block's decoupled cross-attention on its own.
@@ -68,3 +69,12 @@ def set_ip_scale(unet: nn.Module, scale: float | Mapping) -> None:
         if not isinstance(modules[name], DecoupledCrossAttention):
             raise ValueError("set_ip_scale: no IP-Adapter is attached to this UNet (attach_ip_adapter first)")
         modules[name].scale = value
+
+
+def set_ip_masks(unet: nn.Module, masks) -> None:
+    """Give every decoupled cross-attention layer the region masks (n_prompts, H, W) from
+    `image_prompt.load_masks`, or None for no regions; each layer resizes them to its own grid."""
+    for _, _, attn in cross_attention_layers(unet):
+        if not isinstance(attn, DecoupledCrossAttention):
+            raise ValueError("set_ip_masks: no IP-Adapter is attached to this UNet (attach_ip_adapter first)")
+        attn.masks = masks

@@ -24,8 +24,10 @@ from minipa.config import read_config, read_json
 from minipa.ddim import DDIMScheduler
 from minipa.ddpm import NoiseSchedule, ScheduleConfig
 from minipa.guidance import check_guidance_scale, classifier_free_guidance
+from minipa.image_prompt import (FEATURE_KINDS, ImagePrompt, check_combine, check_ip_steps, combine, encoder_fingerprint,
+                                 image_prompt_active, load_masks)
 from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
-from minipa.ip_scale import set_ip_scale
+from minipa.ip_scale import set_ip_masks, set_ip_scale
 from minipa.loading import load_image_encoder, load_ip_adapter, load_text_encoder, load_tokenizer, load_unet, load_vae
 from minipa.preprocess import preprocess_image
 from minipa.schedulers import make_scheduler
@@ -85,6 +87,20 @@ class Pipeline:
     def _plus(self) -> bool:
         return self.ip_adapter is not None and self.ip_adapter.plus
 
+    @torch.inference_mode()
+    def encode_image_prompt(self, ip_image, negative_ip_image=None) -> ImagePrompt:
+        """Run the image encoder once, for the image prompt(s) and the unconditional branch (the negative image
+        prompt(s), or "no image"): an `ImagePrompt` to pass as `ip_embeds=`, or to `.save()` and reuse."""
+        self._check_adapter("ip_image")
+        features = self.encode_image(_as_list(ip_image))  # (n, E) or (n, L, E)
+        if negative_ip_image is None:
+            negative = uncond_image_features(self.image_encoder, features[:1], self._plus)
+        elif len(negatives := _as_list(negative_ip_image)) not in (1, len(features)):
+            raise ValueError(f"negative_ip_image: expected 1 image or {len(features)} (one per image prompt), got {len(negatives)}")
+        else:
+            negative = self.encode_image(negatives)
+        return ImagePrompt(features, negative, FEATURE_KINDS[self._plus], encoder_fingerprint(self.image_encoder))
+
     # ── generation ──────────────────────────────────────────────────────────────────────────────
 
     @torch.inference_mode()
@@ -104,6 +120,13 @@ class Pipeline:
         output: str = "pil",
         eta: float = 0.0,
         progress: bool = True,
+        *,
+        negative_ip_image=None,
+        ip_embeds: ImagePrompt | str | Path | None = None,
+        ip_combine: str = "concat",
+        ip_weights: Sequence[float] | None = None,
+        ip_steps: tuple[float, float] = (0.0, 1.0),
+        ip_masks=None,
     ):
         """Generate one image per prompt. See the README for every argument; returns PIL images,
         a (B, H, W, 3) float array in [0, 1] ("np"), or the final latents ("latent")."""
@@ -111,11 +134,13 @@ class Pipeline:
         height, width = height or native, width or native
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        self._check_arguments(prompts, negatives, ip_image, height, width, latents, output)
-        w = check_guidance_scale(guidance_scale)
-        if ip_image is not None:
-            self._check_adapter()
+        self._check_arguments(prompts, negatives, height, width, latents, output)
+        w, ip_steps = check_guidance_scale(guidance_scale), check_ip_steps(ip_steps)
+        image_prompt = self._image_prompt(ip_image, ip_embeds, negative_ip_image, ip_masks)
+        if image_prompt is not None:
             set_ip_scale(self.unet, ip_scale)  # λ (paper §3.2.3) on every decoupled cross-attention layer
+            regions = len(image_prompt.features) if ip_combine == "concat" else 1  # image prompts after combining
+            set_ip_masks(self.unet, None if ip_masks is None else load_masks(ip_masks, regions, height, width).to(self.device))
         scheduler = make_scheduler(scheduler, self.scheduler.config)  # the name → a fresh sampler on this model's schedule
         scheduler.set_timesteps(num_steps)
         generator = torch.Generator("cpu")  # on the CPU, so a seed gives the same noise on every device
@@ -123,14 +148,14 @@ class Pipeline:
 
         # conditioning: c_t for [uncond, cond] (only cond at w = 1) and, with an image prompt, c_i likewise
         context = self.encode_prompt(negatives + prompts if w != 1 else prompts)  # ([2]B, 77, D)
-        image_tokens = None if ip_image is None else self._image_tokens(ip_image, len(prompts), w != 1)  # ([2]B, n·N, D)
+        image_tokens = None if image_prompt is None else self._image_tokens(image_prompt, ip_combine, ip_weights, len(prompts), w != 1)
 
         # x_T ~ N(0, I), or the latents the caller gave (to compare runs or libraries)
         if latents is None:
             shape = (len(prompts), self.unet.config.in_channels, height // 8, width // 8)
             latents = torch.randn(shape, generator=generator)  # float32, then cast: one seed, one image, in every dtype
         x = denoise(self.unet, scheduler, latents.to(self.device, self.dtype), context, image_tokens, guidance_scale=w,
-                    generator=generator, eta=eta, progress=progress)
+                    generator=generator, eta=eta, progress=progress, ip_steps=ip_steps)
         return x if output == "latent" else self.decode(x, output)
 
     @torch.inference_mode()
@@ -139,20 +164,47 @@ class Pipeline:
         images = decode_latents(self.vae, latents)
         return images.cpu().numpy() if output == "np" else [Image.fromarray(a) for a in to_uint8(images).cpu().numpy()]
 
-    def _check_adapter(self) -> None:
+    def _check_adapter(self, argument: str) -> None:
         if self.ip_adapter is None:
-            raise ValueError("ip_image was given but no IP-Adapter is loaded; load_pipeline(ip_adapter=PATH)")
+            raise ValueError(f"{argument} was given but no IP-Adapter is loaded; load_pipeline(ip_adapter=PATH)")
 
-    def _image_tokens(self, ip_image, batch: int, use_cfg: bool) -> torch.Tensor:
-        embeds = self.encode_image(ip_image if isinstance(ip_image, (list, tuple)) else [ip_image])  # (n, E) or (n, L, E)
-        embeds = embeds[None].expand(batch, *embeds.shape).to(self.dtype)  # (B, n, …): the same image prompt(s) for each prompt
-        tokens = self.ip_adapter.image_tokens(embeds)  # (B, n·N, D)
-        if not use_cfg:
-            return tokens
-        # the unconditional image tokens are image_proj("no image"): LayerNorm(bias) for the base adapter, not zeros
-        return torch.cat([self.ip_adapter.image_tokens(uncond_image_features(self.image_encoder, embeds, self._plus)), tokens])
+    def _image_prompt(self, ip_image, ip_embeds, negative_ip_image, ip_masks) -> ImagePrompt | None:
+        """The image prompt's features, encoded now or given (an ImagePrompt, or a file saved from one); None without one."""
+        if ip_image is not None and ip_embeds is not None:
+            raise ValueError("ip_image and ip_embeds: give one of them (ip_embeds are the image prompt already encoded)")
+        if ip_embeds is None:
+            extra = next((name for name, v in (("negative_ip_image", negative_ip_image), ("ip_masks", ip_masks)) if v is not None), None)
+            if ip_image is None and extra:
+                raise ValueError(f"{extra} was given without an image prompt (ip_image or ip_embeds)")
+            return None if ip_image is None else self.encode_image_prompt(ip_image, negative_ip_image)
+        self._check_adapter("ip_embeds")
+        if negative_ip_image is not None:
+            raise ValueError("negative_ip_image: ip_embeds already hold the unconditional branch; "
+                             "give the negative image when encoding them (encode_image_prompt / minipa encode-image)")
+        prompt = ip_embeds if isinstance(ip_embeds, ImagePrompt) else ImagePrompt.load(ip_embeds)
+        prompt.check(self.ip_adapter, self.image_encoder)
+        return prompt
 
-    def _check_arguments(self, prompts, negatives, ip_image, height, width, latents, output):
+    def _image_tokens(self, prompt: ImagePrompt, mode: str, weights, batch: int, use_cfg: bool) -> torch.Tensor:
+        """c_i for each prompt, [unconditional; conditional] with guidance: ([2]B, n·N, D), n image prompts after combining.
+        The base adapter's features are combined before image_proj, Plus's tokens after (see `image_prompt`)."""
+        n = len(prompt.features)
+        check_combine(mode, weights, n)
+
+        def tokens(features):  # (n or 1, …) → (1, n'·N, D)
+            features = features.to(self.device, self.dtype)
+            if mode == "concat":
+                return self.ip_adapter.image_tokens(features.expand(n, *features.shape[1:])[None])
+            if len(features) == 1:  # one unconditional row: nothing to combine
+                return self.ip_adapter.image_tokens(features)
+            if self._plus:
+                return combine(self.ip_adapter.image_proj(features), mode, weights)  # (1, N, D)
+            return self.ip_adapter.image_tokens(combine(features, mode, weights))
+
+        cond = tokens(prompt.features).expand(batch, -1, -1)
+        return torch.cat([tokens(prompt.negative).expand(batch, -1, -1), cond]) if use_cfg else cond
+
+    def _check_arguments(self, prompts, negatives, height, width, latents, output):
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt: expected {len(prompts)} (one per prompt), got {len(negatives)}")
         if not prompts:
@@ -170,16 +222,19 @@ class Pipeline:
 
 def denoise(unet, scheduler: NoiseSchedule, x: torch.Tensor, context: torch.Tensor, image_tokens: torch.Tensor | None = None,
             *, guidance_scale: float = 7.5, generator: torch.Generator | None = None, eta: float = 0.0,
-            progress: bool = False) -> torch.Tensor:
+            progress: bool = False, ip_steps: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """The sampling loop: from x_T (B, C, h, w), for each t of `scheduler.timesteps` (set_timesteps first):
     ε from the UNet, guided by paper eq. 2, then one scheduler step. Returns x_0.
 
     With guidance (w ≠ 1) `context` and `image_tokens` hold 2B rows, [unconditional; conditional]; with w = 1, B rows
-    (eq. 2 is then the conditional prediction alone, so the other pass is skipped)."""
+    (eq. 2 is then the conditional prediction alone, so the other pass is skipped). The image tokens are used at the
+    steps i (from 0) of T with start ≤ i/T ≤ end, `ip_steps` = (start, end); at the others the UNet is plain SD."""
     use_cfg = guidance_scale != 1
     step_options = {"eta": eta} if isinstance(scheduler, DDIMScheduler) else {}  # only DDIM has η
+    steps = len(scheduler.timesteps)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="minipa", disable=not progress)):
-        eps = unet(torch.cat([x, x]) if use_cfg else x, t, context, image_tokens=image_tokens)
+        tokens = image_tokens if image_prompt_active(i, steps, ip_steps) else None
+        eps = unet(torch.cat([x, x]) if use_cfg else x, t, context, image_tokens=tokens)
         if use_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)  # ε̂ = ε_u + w·(ε_c − ε_u)   (paper eq. 2)
@@ -188,6 +243,10 @@ def denoise(unet, scheduler: NoiseSchedule, x: torch.Tensor, context: torch.Tens
             raise FloatingPointError(f"the latents became NaN/inf at step {i + 1} of {len(scheduler.timesteps)} (t={int(t)}); "
                                      f"with dtype={x.dtype} try torch.float32, or a lower guidance_scale")
     return x
+
+
+def _as_list(images) -> list:
+    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
