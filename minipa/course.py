@@ -213,11 +213,15 @@ ASSIGNMENTS = (
         hints=("Call `attention(q, k, v)` for the text branch and `attention(q, k_ip, v_ip)` for the image branch.",
                "Skip the image branch when scale == 0, so that λ = 0 is plain SD bit for bit."),
         tests=(
-            "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]",
+            "tests/test_ip_adapter.py::test_each_branch_has_its_own_softmax",
+            "tests/test_ip_adapter.py::test_lambda_scales_only_the_image_branch",
+            "tests/test_ip_adapter.py::test_output_grows_with_lambda_by_the_image_attention",
             "tests/test_ip_adapter.py::test_scale_zero_is_exactly_plain_attention",
             "tests/test_ip_adapter.py::test_the_image_branch_is_added_with_weight_lambda",
+            "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]",
         ),
         points=10, prerequisites=(5, 7), minutes=30,
+        weights={"test_the_image_branch_is_added_with_weight_lambda": 2, "test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]": 4},
     ),
     Assignment(
         9, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "renumber_levels",

@@ -254,6 +254,21 @@ MISTAKES = (
         tokens = self.proj(image_embeds).reshape(image_embeds.shape[0], self.num_tokens, -1)
         return self.norm(tokens)
     """),
+    # 8. decoupled cross-attention: text + λ·image, two softmaxes
+    Mistake(8, "λ on both branches", "λ multiplies the text branch too", """
+        return scale * (attention(q, k, v) + attention(q, k_ip, v_ip))
+    """),
+    Mistake(8, "(1−λ)·text + λ·image", "the text branch must keep weight 1", """
+        return (1 - scale) * attention(q, k, v) + scale * attention(q, k_ip, v_ip)
+    """),
+    Mistake(8, "one softmax over text and image tokens concatenated", "one softmax over [text; image]", """
+        if scale == 0:
+            return attention(q, k, v)
+        return attention(q, torch.cat([k, k_ip], dim=2), torch.cat([v, scale * v_ip], dim=2))
+    """),
+    Mistake(8, "the image branch with the text keys", "used the text keys K instead of K′", """
+        return attention(q, k, v) + scale * attention(q, k, v_ip)
+    """),
 )
 
 

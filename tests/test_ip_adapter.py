@@ -122,6 +122,63 @@ def test_full_size_faceid_image_proj_matches_diffusers():
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
 
+# ─── Decoupled cross-attention, paper §3.2.2 with §3.2.3's λ (course assignment 8): one test per property ──
+
+
+def branches(seed=0):
+    """q, k, v (text) and k_ip, v_ip (image) for one small decoupled attention: (B, heads, L, d), 77 text and 4 image tokens."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, 6, 8, generator=g)
+    k, v = torch.randn(2, 2, 77, 8, generator=g), torch.randn(2, 2, 77, 8, generator=g)
+    k_ip, v_ip = torch.randn(2, 2, 4, 8, generator=g), torch.randn(2, 2, 4, 8, generator=g)
+    return q, k, v, k_ip, v_ip
+
+
+def coefficient(y, x) -> float:
+    """c minimising ‖y − c·x‖: how many times x the tensor y is."""
+    return float((y * x).sum() / (x * x).sum())
+
+
+def test_each_branch_has_its_own_softmax():
+    """With V′ = 0 the image branch adds nothing, whatever the image keys K′: the text weights never see them."""
+    q, k, v, k_ip, v_ip = branches()
+    a = decoupled_attention(q, k, v, k_ip, torch.zeros_like(v_ip), 1.0)
+    b = decoupled_attention(q, k, v, 3 * k_ip, torch.zeros_like(v_ip), 1.0)
+    assert torch.allclose(a, b, atol=1e-6), (
+        f"each branch needs its own softmax: with V′ = 0 the image branch adds nothing, yet changing the image keys K′ changed "
+        f"your output by {(a - b).abs().max():.3g}: the image tokens take attention weight from the text tokens, as in one "
+        "softmax over [text; image] — the design the paper argues against (§3.2.2). Add attention(q, k, v) and attention(q, k_ip, v_ip)")
+
+
+def test_lambda_scales_only_the_image_branch():
+    """With V′ = 0 the output is the text attention Softmax(QKᵀ/√d)V itself, for every λ."""
+    q, k, v, k_ip, v_ip = branches(1)
+    text = attention(q, k, v)
+    for scale in (2.0, 0.5):  # λ = 2 first: at 0.5, λ and 1 − λ are the same number
+        out = decoupled_attention(q, k, v, k_ip, torch.zeros_like(v_ip), scale)
+        c = coefficient(out, text)
+        named = {f"λ multiplies the text branch too: λ·(text + image)": scale, "(1−λ)·text + λ·image: the text branch must keep weight 1": 1 - scale}
+        name = next((f" = {n}" for n, value in named.items() if abs(c - value) < 1e-4), "")
+        assert torch.allclose(out, text, atol=1e-5), (
+            f"λ must scale only the image branch: with V′ = 0 the output must be the text attention Softmax(QKᵀ/√d)V for "
+            f"every λ; at λ = {scale} yours is {c:.4g}× the text attention{name}")
+
+
+def test_output_grows_with_lambda_by_the_image_attention():
+    """out(λ) − out(0) = λ·Softmax(QK′ᵀ/√d)V′: linear in λ, with the image attention (K′ and V′ from c_i) as slope."""
+    q, k, v, k_ip, v_ip = branches(2)
+    base = decoupled_attention(q, k, v, k_ip, v_ip, 0.0)
+    for scale in (0.5, 1.0, 2.0):
+        slope = (decoupled_attention(q, k, v, k_ip, v_ip, scale) - base) / scale
+        named = {"the image branch used the text keys K instead of K′": attention(q, k, v_ip),
+                 "the image branch used the text values V instead of V′": attention(q, k_ip, v),
+                 "the image branch repeats the text attention": attention(q, k, v)}
+        name = next((f": {n}" for n, value in named.items() if torch.allclose(slope, value, atol=1e-5)), "")
+        assert torch.allclose(slope, attention(q, k_ip, v_ip), atol=1e-5), (
+            f"out(λ) − out(0) must be λ·Softmax(QK′ᵀ/√d)V′, the image attention with K′ = k_ip and V′ = v_ip: at λ = {scale} "
+            f"yours differs from it by {(slope - attention(q, k_ip, v_ip)).abs().max():.3g}·λ{name}")
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "explicit"])  # one test per attention path (the course grades them apart)
 def test_decoupled_attention_layer_equals_diffusers_ip_processor(backend):
     torch.manual_seed(0)
