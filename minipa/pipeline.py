@@ -120,13 +120,9 @@ class Pipeline:
         output: str = "pil",
         eta: float = 0.0,
         progress: bool = True,
-        *,
-        negative_ip_image=None,
-        ip_embeds: ImagePrompt | str | Path | None = None,
-        ip_combine: str = "concat",
-        ip_weights: Sequence[float] | None = None,
-        ip_steps: tuple[float, float] = (0.0, 1.0),
-        ip_masks=None,
+        *,  # the image-prompt controls (`image_prompt.py`)
+        negative_ip_image=None, ip_embeds: ImagePrompt | str | Path | None = None, ip_combine: str = "concat",
+        ip_weights: Sequence[float] | None = None, ip_steps: tuple[float, float] = (0.0, 1.0), ip_masks=None,
     ):
         """Generate one image per prompt. See the README for every argument; returns PIL images,
         a (B, H, W, 3) float array in [0, 1] ("np"), or the final latents ("latent")."""
@@ -139,8 +135,7 @@ class Pipeline:
         image_prompt = self._image_prompt(ip_image, ip_embeds, negative_ip_image, ip_masks)
         if image_prompt is not None:
             set_ip_scale(self.unet, ip_scale)  # λ (paper §3.2.3) on every decoupled cross-attention layer
-            regions = len(image_prompt.features) if ip_combine == "concat" else 1  # image prompts after combining
-            set_ip_masks(self.unet, None if ip_masks is None else load_masks(ip_masks, regions, height, width).to(self.device))
+            set_ip_masks(self.unet, self._masks(ip_masks, image_prompt, ip_combine, height, width))  # and per query: regions
         scheduler = make_scheduler(scheduler, self.scheduler.config)  # the name → a fresh sampler on this model's schedule
         scheduler.set_timesteps(num_steps)
         generator = torch.Generator("cpu")  # on the CPU, so a seed gives the same noise on every device
@@ -184,6 +179,11 @@ class Pipeline:
         prompt = ip_embeds if isinstance(ip_embeds, ImagePrompt) else ImagePrompt.load(ip_embeds)
         prompt.check(self.ip_adapter, self.image_encoder)
         return prompt
+
+    def _masks(self, ip_masks, prompt: ImagePrompt, mode: str, height: int, width: int) -> torch.Tensor | None:
+        """One region mask per image prompt after combining (n for "concat", else 1): (n', height, width), or None."""
+        regions = len(prompt.features) if mode == "concat" else 1
+        return None if ip_masks is None else load_masks(ip_masks, regions, height, width).to(self.device)
 
     def _image_tokens(self, prompt: ImagePrompt, mode: str, weights, batch: int, use_cfg: bool) -> torch.Tensor:
         """c_i for each prompt, [unconditional; conditional] with guidance: ([2]B, n·N, D), n image prompts after combining.
