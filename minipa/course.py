@@ -232,6 +232,10 @@ ASSIGNMENTS = (
                "The decoder rule is its own inverse: levels − 1 − (levels − 1 − i) = i.",
                "The tests write LDM files with minipa's rule and convert them back with diffusers' own converter."),
         tests=(
+            "tests/test_vae.py::test_vae_encoder_levels_keep_their_numbers",
+            "tests/test_vae.py::test_vae_decoder_levels_are_numbered_from_the_bottom",
+            "tests/test_vae.py::test_renumber_levels_works_both_ways",
+            "tests/test_vae.py::test_renumber_levels_leaves_other_keys_alone",
             "tests/test_vae.py::test_ldm_names_agree_with_diffusers_converter",
             "tests/test_vae.py::test_ldm_single_file_equals_diffusers",
             "tests/test_vae.py::test_standalone_ldm_vae_file_without_prefix",
@@ -240,6 +244,8 @@ ASSIGNMENTS = (
             "tests/test_vae.py::test_text_encoder_file_given_as_vae_is_a_clear_error",
         ),
         points=10, prerequisites=(), minutes=30,
+        # the file tests read back what minipa's own rule wrote: only diffusers' converter can tell a wrong rule
+        weights={"test_ldm_names_agree_with_diffusers_converter": 4, "test_full_size_ldm_keys_round_trip_and_match_diffusers_converter": 4},
     ),
     Assignment(
         10, "The IP-Adapter training step: dropping conditions", "minipa/train/ip_adapter.py", "IPAdapterTraining.batch",

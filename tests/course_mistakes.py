@@ -269,6 +269,51 @@ MISTAKES = (
     Mistake(8, "the image branch with the text keys", "used the text keys K instead of K′", """
         return attention(q, k, v) + scale * attention(q, k, v_ip)
     """),
+    # 9. the VAE's levels in the LDM key map
+    Mistake(9, "the decoder's levels not reversed", "the decoder's levels are not reversed", """
+        down, up = ("down", "down_blocks"), ("up", "up_blocks")
+        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
+            src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
+            head = f"{side}.{src}."
+            if key.startswith(head):
+                level, rest = key[len(head):].split(".", 1)
+                level = int(level)
+                return f"{side}.{dst}.{level}.{rest}"
+        return key
+    """),
+    Mistake(9, "the encoder reversed too", "the encoder keeps its level numbers", """
+        down, up = ("down", "down_blocks"), ("up", "up_blocks")
+        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
+            src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
+            head = f"{side}.{src}."
+            if key.startswith(head):
+                level, rest = key[len(head):].split(".", 1)
+                level = levels - 1 - int(level)
+                return f"{side}.{dst}.{level}.{rest}"
+        return key
+    """),
+    Mistake(9, "levels − i for the decoder", "levels − i is one too many", """
+        down, up = ("down", "down_blocks"), ("up", "up_blocks")
+        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
+            src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
+            head = f"{side}.{src}."
+            if key.startswith(head):
+                level, rest = key[len(head):].split(".", 1)
+                level = int(level) if side == "encoder" else levels - int(level)
+                return f"{side}.{dst}.{level}.{rest}"
+        return key
+    """),
+    Mistake(9, "one direction only (to_diffusers ignored)", "must work both ways", """
+        down, up = ("down", "down_blocks"), ("up", "up_blocks")
+        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
+            src, dst = ldm, ours
+            head = f"{side}.{src}."
+            if key.startswith(head):
+                level, rest = key[len(head):].split(".", 1)
+                level = int(level) if side == "encoder" else levels - 1 - int(level)
+                return f"{side}.{dst}.{level}.{rest}"
+        return key
+    """),
 )
 
 

@@ -90,6 +90,57 @@ def test_explicit_and_sdpa_attention_agree(diffusers_folder):
     assert (fast - explicit).abs().max() < 1e-5
 
 
+# ─── The levels rule of the LDM key map (course assignment 9): one test per property, then diffusers' converter ──
+
+
+def renamed(keys, levels=4, to_diffusers=True):
+    return [keymap.renumber_levels(key, levels, to_diffusers) for key in keys]
+
+
+def test_vae_encoder_levels_keep_their_numbers():
+    """encoder.down.{i} ↔ encoder.down_blocks.{i}: the encoder counts its levels from the top in both formats."""
+    ldm = [f"encoder.down.{i}.block.0.conv1.weight" for i in range(4)]
+    ours = [f"encoder.down_blocks.{i}.block.0.conv1.weight" for i in range(4)]
+    got = renamed(ldm)
+    assert got == ours, (
+        f"the encoder keeps its level numbers: encoder.down.{{i}} is encoder.down_blocks.{{i}} (only the decoder is reversed); "
+        f"yours maps {ldm[0]} to {got[0]}")
+
+
+def test_vae_decoder_levels_are_numbered_from_the_bottom():
+    """decoder.up.{levels−1−i} ↔ decoder.up_blocks.{i}: LDM numbers the decoder from the bottom, diffusers in the order it runs."""
+    for levels in (3, 4):
+        ldm = [f"decoder.up.{i}.upsample.conv.weight" for i in range(levels)]
+        want = [f"decoder.up_blocks.{levels - 1 - i}.upsample.conv.weight" for i in range(levels)]
+        got = renamed(ldm, levels)
+        named = {"decoder.up_blocks.0.upsample.conv.weight": "the decoder's levels are not reversed",
+                 f"decoder.up_blocks.{levels}.upsample.conv.weight": "levels − i is one too many: levels − 1 − i"}
+        assert got == want, (
+            f"LDM numbers the decoder's levels from the bottom: with {levels} levels decoder.up.0 is decoder.up_blocks.{levels - 1} "
+            f"(levels − 1 − i); yours gives {got[0]}" + (f": {named[got[0]]}" if got[0] in named else ""))
+
+
+def test_renumber_levels_works_both_ways():
+    """to_diffusers=False maps diffusers' names back to LDM's; there and back is every key itself."""
+    ours = ["encoder.down_blocks.1.block.0.conv1.weight", "decoder.up_blocks.0.block.2.norm1.bias"]
+    want = ["encoder.down.1.block.0.conv1.weight", "decoder.up.3.block.2.norm1.bias"]
+    got = renamed(ours, to_diffusers=False)
+    assert got == want, (
+        f"renumber_levels must work both ways: with to_diffusers=False, diffusers' {ours[1]} is LDM's {want[1]}; yours gives {got[1]}")
+    ldm = [f"{side}.{i}.block.0.conv1.weight" for side in ("encoder.down", "decoder.up") for i in range(4)]
+    assert renamed(renamed(ldm), to_diffusers=False) == ldm, "LDM → diffusers → LDM must give every key back"
+
+
+def test_renumber_levels_leaves_other_keys_alone():
+    """Keys outside the levels (and keys already in the other naming) pass through unchanged."""
+    others = ["encoder.conv_in.weight", "decoder.mid.block_1.norm1.weight", "quant_conv.bias", "decoder.conv_norm_out.weight",
+              "decoder.up_blocks.0.resnets.0.conv1.weight", "encoder.down_blocks.2.resnets.1.conv2.bias"]
+    got = renamed(others)
+    changed = [(a, b) for a, b in zip(others, got) if a != b]
+    assert not changed, (f"keys that are not encoder.down.{{i}} / decoder.up.{{i}} must stay as they are (match the whole "
+                         f"'decoder.up.' with its dot); yours changed {changed[0][0]} into {changed[0][1]}")
+
+
 def test_ldm_names_agree_with_diffusers_converter(reference):
     """Write the tiny model in LDM naming with minipa's rule, convert back with diffusers' own code."""
     ldm = ldm_state(reference)
