@@ -258,8 +258,11 @@ ASSIGNMENTS = (
         hints=("One uniform number per sample decides, so the three cases never overlap: compare u with the running sums.",
                "`torch.where(drop_text, self.data.empty, self.data.caption_index[b[\"index\"]])` picks the caption row.",
                "A dropped image is a zero embedding later (`forward` multiplies by keep_image), so keep_image is float."),
-        tests=("tests/test_train.py::test_condition_dropping_rates",),
+        tests=("tests/test_train.py::test_keep_image_is_a_float_one_or_zero",
+               "tests/test_train.py::test_condition_dropping_follows_the_running_sums_of_the_rates",
+               "tests/test_train.py::test_condition_dropping_rates"),
         points=10, prerequisites=(2, 4, 7), minutes=25,
+        weights={"test_condition_dropping_rates": 4},
     ),
 )
 

@@ -314,6 +314,43 @@ MISTAKES = (
                 return f"{side}.{dst}.{level}.{rest}"
         return key
     """),
+    # 10. dropping the image, the text or both (5% each in the paper)
+    Mistake(10, "three independent thresholds (the cases overlap)", "the cases overlap", """
+        image_drop, text_drop, both_drop = self.rates
+        u = b["u"]
+        drop_image = (u < image_drop) | (u < both_drop)
+        drop_text = (u < text_drop) | (u < both_drop)
+        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
+        b["keep_image"] = (~drop_image).float()
+        return b
+    """),
+    Mistake(10, "no case that drops both", "both dropped, is missing", """
+        image_drop, text_drop, both_drop = self.rates
+        u = b["u"]
+        drop_image = u < image_drop
+        drop_text = (u >= image_drop) & (u < image_drop + text_drop)
+        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
+        b["keep_image"] = (~drop_image).float()
+        return b
+    """),
+    Mistake(10, "keep_image 1.0 where the image is dropped", "keep_image is inverted", """
+        image_drop, text_drop, both_drop = self.rates
+        u = b["u"]
+        drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
+        drop_text = (u >= image_drop) & (u < image_drop + text_drop + both_drop)
+        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
+        b["keep_image"] = drop_image.float()
+        return b
+    """),
+    Mistake(10, "the both-dropped band keeps the text", "the third case drops the text too", """
+        image_drop, text_drop, both_drop = self.rates
+        u = b["u"]
+        drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
+        drop_text = (u >= image_drop) & (u < image_drop + text_drop)
+        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
+        b["keep_image"] = (~drop_image).float()
+        return b
+    """),
 )
 
 

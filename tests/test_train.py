@@ -131,14 +131,65 @@ def test_ip_adapter_recipe_trains_only_the_adapter_from_text_weights():
     assert not torch.equal(first.to_k_ip.weight, unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight)
 
 
+# ─── Dropping conditions (course assignment 10): each band of u, then the rates ─────────────────────
+
+
+def dropped(module, u: list[float]) -> tuple[list[bool], list[bool], dict]:
+    """batch() with the uniform numbers u: which samples lost the image, which the text (and the batch)."""
+    draw = module.draw
+    module.draw = lambda generator, size: {**draw(generator, size), "u": torch.tensor(u)}
+    try:
+        b = module.batch(step_generator(0, 0), len(u))
+    finally:
+        del module.draw
+    return (b["keep_image"] == 0).tolist(), (b["caption"] == module.data.empty).tolist(), b
+
+
+def test_keep_image_is_a_float_one_or_zero():
+    """forward multiplies the image embedding by keep_image: a float, 1.0 where the image stays."""
+    _, _, module = _adapter_setup(image_drop=0.1, text_drop=0.2, both_drop=0.3)
+    _, _, b = dropped(module, [0.05, 0.9])
+    keep = b["keep_image"]
+    assert keep.dtype == torch.float32 and set(keep.tolist()) <= {0.0, 1.0}, (
+        f"keep_image must be a float tensor of 1.0 (keep the image) and 0.0 (drop it), since forward multiplies the image "
+        f"embedding by it; yours is {keep.dtype} {keep.tolist()}")
+
+
+def test_condition_dropping_follows_the_running_sums_of_the_rates():
+    """One u per sample: [0, p_i) drops the image, [p_i, p_i+p_t) the text, [p_i+p_t, p_i+p_t+p_b) both, the rest nothing."""
+    _, _, module = _adapter_setup(image_drop=0.1, text_drop=0.2, both_drop=0.3)
+    bands = [("[0, p_i) = [0, 0.1): only the image", (True, False), [0.0, 0.05, 0.099]),
+             ("[p_i, p_i + p_t) = [0.1, 0.3): only the text", (False, True), [0.1, 0.2, 0.299]),
+             ("[p_i + p_t, p_i + p_t + p_b) = [0.3, 0.6): both the image and the text", (True, True), [0.3, 0.45, 0.599]),
+             ("[p_i + p_t + p_b, 1) = [0.6, 1): nothing", (False, False), [0.6, 0.8, 0.999])]
+    u = [x for *_, us in bands for x in us]
+    image, text, _ = dropped(module, u)
+    want_image = [w[0] for _, w, us in bands for _ in us]
+    want_text = [w[1] for _, w, us in bands for _ in us]
+    if image == [not w for w in want_image]:
+        pytest.fail("keep_image is inverted: it must be 0.0 where the image is dropped and 1.0 where it stays")
+    if text == [not w for w in want_text]:
+        pytest.fail("the caption choice is inverted: self.data.empty where the text is dropped, the sample's own caption elsewhere")
+    words = {(False, False): "nothing", (True, False): "only the image", (False, True): "only the text", (True, True): "the image and the text"}
+    for i, x in enumerate(u):
+        band, want, _ = bands[i // 3]
+        got = (image[i], text[i])
+        hint = {(0, (True, True)): ": the cases overlap — compare u with the running sums p_i, p_i + p_t, p_i + p_t + p_b",
+                (2, (False, False)): ": the third case, both dropped, is missing",
+                (2, (True, False)): ": the third case drops the text too", (2, (False, True)): ": the third case drops the image too"}
+        assert got == want, (f"u = {x} falls in {band} must be dropped (rates p_i, p_t, p_b = 0.1, 0.2, 0.3); yours dropped "
+                             f"{words[got]}{hint.get((i // 3, got), '')}")
+
+
 def test_condition_dropping_rates():
     _, _, module = _adapter_setup(image_drop=0.05, text_drop=0.45, both_drop=0.05)
     b = module.batch(step_generator(0, 0), 20_000)
     no_text = b["caption"] == module.data.empty
     no_image = b["keep_image"] == 0
-    assert float((no_image & ~no_text).float().mean()) == pytest.approx(0.05, abs=0.01)
-    assert float((no_text & ~no_image).float().mean()) == pytest.approx(0.45, abs=0.015)
-    assert float((no_text & no_image).float().mean()) == pytest.approx(0.05, abs=0.01)
+    for what, share, want, tolerance in (("only the image", no_image & ~no_text, 0.05, 0.01), ("only the text", no_text & ~no_image, 0.45, 0.015),
+                                         ("both", no_text & no_image, 0.05, 0.01)):
+        got = float(share.float().mean())
+        assert got == pytest.approx(want, abs=tolerance), f"with rates (0.05, 0.45, 0.05), {what} must be dropped {want:.0%} of the time, yours {got:.1%}"
     with pytest.raises(ValueError, match="add up to more than 1"):
         _adapter_setup(image_drop=0.5, text_drop=0.5, both_drop=0.5)
 
