@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=("ddim", "ddpm", "dpm++"), default="ddim",
                      help="sampler (default ddim; dpm++ = DPM-Solver++(2M))")
     gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype (default float32)")
+    gen.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                     help="weights and compute dtype (default auto: float16 on CUDA, bfloat16 on a CPU with bf16 matrix "
+                          "units for full-size models, else float32; the sidecar says which)")
+    gen.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (CPU: needs a C++ compiler; CUDA: CUDA graphs)")
     gen.add_argument("--out", default="out/minipa.png", help="where to write the PNG (default out/minipa.png)")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -83,13 +86,11 @@ def _add_encode_image(commands) -> None:
     enc.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the features")
     enc.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
     enc.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    enc.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and compute dtype (default float32)")
+    enc.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="weights and compute dtype (default auto, as for generate)")
     enc.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
 def encode_image(args) -> int:
-    import torch
-
     from minipa.pipeline import load_pipeline
 
     out = Path(args.out)
@@ -98,7 +99,7 @@ def encode_image(args) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     pipe = load_pipeline(args.model, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
-                         device=args.device, dtype=getattr(torch, args.dtype))
+                         device=args.device, dtype=args.dtype)
     prompt = pipe.encode_image_prompt(args.images, args.negative_image_prompt)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.safetensors")
     try:
@@ -228,8 +229,6 @@ def _scale(text: str):
 
 
 def generate(args) -> int:
-    import torch
-
     from minipa.pipeline import load_pipeline
 
     out = Path(args.out)
@@ -241,7 +240,7 @@ def generate(args) -> int:
 
     started = time.perf_counter()
     pipe = load_pipeline(args.model, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
-                         device=args.device, dtype=getattr(torch, args.dtype))
+                         device=args.device, dtype=args.dtype, compile=args.compile)
     settings = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt,
         "ip_image": args.image_prompt or None, "ip_scale": args.scale if args.image_prompt or args.ip_embeds else None,
@@ -258,7 +257,8 @@ def generate(args) -> int:
         "model": args.model or "tiny (weights/tiny)",
         "ip_adapter": args.ip_adapter or ("tiny (weights/tiny/ip-adapter.safetensors)" if pipe.ip_adapter is not None else None),
         "image_encoder": args.image_encoder,
-        "device": args.device, "dtype": args.dtype, "seconds": round(time.perf_counter() - started, 2),
+        "device": args.device, "dtype": str(pipe.dtype).removeprefix("torch."), "dtype_asked": args.dtype,
+        "compile": args.compile, "seconds": round(time.perf_counter() - started, 2),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(out, lambda f: image.save(f, format="PNG"))

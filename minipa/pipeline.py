@@ -28,7 +28,9 @@ from minipa.image_prompt import (FEATURE_KINDS, ImagePrompt, check_combine, chec
                                  image_prompt_active, load_masks)
 from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
 from minipa.ip_scale import set_ip_masks, set_ip_scale
-from minipa.loading import load_image_encoder, load_ip_adapter, load_text_encoder, load_tokenizer, load_unet, load_vae
+from minipa.loading import (component_folder, load_image_encoder, load_ip_adapter, load_text_encoder, load_tokenizer,
+                            load_unet, load_vae)
+from minipa.precision import as_dtype, auto_dtype, compile_unet
 from minipa.preprocess import preprocess_image
 from minipa.schedulers import make_scheduler
 from minipa.tokenizer import CLIPTokenizer
@@ -268,14 +270,17 @@ def load_pipeline(
     ip_adapter: str | Path | None = None,
     image_encoder: str | Path | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     configs: str | Path | None = None,
+    compile: bool = False,
 ) -> Pipeline:
     """Build a Pipeline from a diffusers SD 1.x folder, an original single-file checkpoint, or
     (model=None) the tiny model shipped in weights/. `ip_adapter` is an official IP-Adapter file;
     its image encoder defaults to `image_encoder/` next to the adapter, then inside the model folder.
     A single file carries no config: its models are SD 1.5's, unless `configs` names a diffusers
-    model folder whose `unet/`, `vae/` and `text_encoder/` config.json files describe them."""
+    model folder whose `unet/`, `vae/` and `text_encoder/` config.json files describe them. `dtype="auto"` picks
+    float16 on CUDA, bfloat16 on a CPU with bf16 matrix units (full-size models), else float32 (`precision.py`);
+    `compile=True` runs the UNet through torch.compile."""
     if model is None:
         if not (TINY_MODEL / "model_index.json").is_file():
             raise FileNotFoundError(f"no model given and the tiny model is not in {TINY_MODEL} yet; pass model=PATH "
@@ -283,7 +288,8 @@ def load_pipeline(
         verify_manifest(TINY_MODEL, restore_hint=TINY_RESTORE_HINT)  # weights/tiny/SHA256SUMS: every file intact
         model = TINY_MODEL
         ip_adapter = ip_adapter or _first_existing(TINY_MODEL / "ip-adapter.safetensors")
-    model, load = Path(model), dict(dtype=dtype, device=device)
+    model, dtype = Path(model), as_dtype(dtype)
+    load = dict(dtype=_auto_dtype(model, configs, device) if dtype == "auto" else dtype, device=device)
     pipe = _load_folder(model, load) if model.is_dir() else _load_single_file(model, configs, load)
     if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
         raise ValueError(f"{model}: the UNet takes {pipe.unet.config.in_channels} input channels but the VAE makes "
@@ -299,7 +305,18 @@ def load_pipeline(
         pipe.image_encoder = load_image_encoder(image_encoder, **load)
     if pipe.ip_adapter is not None:
         _check_encoder_fits_adapter(pipe, image_encoder, ip_adapter)
+    if compile:
+        compile_unet(pipe.unet, device)
     return pipe
+
+
+def _auto_dtype(model: Path, configs, device) -> torch.dtype:
+    """`dtype="auto"` for this model: its UNet's size, read from the config and counted on `meta` (nothing loaded)."""
+    folder = component_folder(model, "unet") if model.is_dir() else Path(configs) / "unet" if configs else None
+    config = read_config(folder / "config.json", UNetConfig) if folder is not None else UNetConfig.sd15()
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in UNet2DConditionModel(config).parameters())
+    return auto_dtype(device, parameters)
 
 
 def _load_folder(model: Path, load: dict) -> Pipeline:

@@ -1,0 +1,78 @@
+"""The fast paths (minipa/precision.py): dtype="auto" by capability, every component in the dtype asked for,
+and the compiled UNet against the eager one."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from test_pipeline import prompt_images
+
+import minipa
+from minipa import precision
+
+
+@pytest.mark.parametrize(
+    ("device", "native_bf16", "parameters", "expected"),
+    [
+        ("cuda", False, 10, torch.float16),
+        ("cpu", True, 860_000_000, torch.bfloat16),  # SD 1.5's UNet on a CPU with AMX / AVX512-BF16
+        ("cpu", True, 3_000_000, torch.float32),  # a toy UNet: its matrices are too small for bf16 to pay
+        ("cpu", False, 860_000_000, torch.float32),  # no bf16 matrix units: emulated bf16 is slower than fp32
+        ("mps", True, 860_000_000, torch.float32),
+    ],
+)
+def test_auto_dtype_follows_the_hardware_and_the_model_size(monkeypatch, device, native_bf16, parameters, expected):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native_bf16)
+    assert precision.auto_dtype(device, parameters) == expected
+
+
+def test_native_bf16_is_asked_of_torch(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert precision.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not precision.cpu_has_native_bf16()
+
+
+def test_load_pipeline_auto_reads_the_unet_size_from_its_config(monkeypatch, tiny_world):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert minipa.load_pipeline(tiny_world["model"], dtype="auto").dtype == torch.float32  # tiny: stays float32
+    monkeypatch.setattr(precision, "FULL_SIZE_UNET", 1)  # as if it were full size
+    assert minipa.load_pipeline(tiny_world["model"], dtype="auto").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype: expected \"auto\", 'float32'"):
+        minipa.load_pipeline(tiny_world["model"], dtype="half")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.inference_mode()
+def test_every_component_runs_in_the_dtype_asked_for(tiny_world, dtype):
+    pipe = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_safetensors"], dtype=dtype)
+    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "image_encoder": pipe.image_encoder,
+               "ip_adapter": pipe.ip_adapter}
+    for name, module in modules.items():
+        assert {p.dtype for p in module.parameters()} == {dtype}, name
+    context = pipe.encode_prompt(["a circle"])
+    prompt = pipe.encode_image_prompt(prompt_images()[0])
+    tokens = pipe.ip_adapter.image_tokens(prompt.features)
+    eps = pipe.unet(torch.randn(1, 4, 8, 8, dtype=dtype), torch.tensor([500]), context, image_tokens=tokens)
+    pixels = pipe.vae.decode(eps)
+    assert [t.dtype for t in (context, prompt.features, tokens, eps, pixels)] == [dtype] * 5
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels: about 2 minutes on 2 cores, even for the tiny model
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler: torch.compile cannot run")
+def test_compiled_unet_equals_eager_within_float32_noise(tiny_world):
+    image, _ = prompt_images()
+    run = dict(ip_image=image, ip_scale=0.8, num_steps=3, output="np", progress=False)
+    eager = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_safetensors"])
+    compiled = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_safetensors"], compile=True)
+    diff = np.abs(compiled("a circle", **run) - eager("a circle", **run)).max()
+    print(f"compiled vs eager: max abs difference {diff:.1e}")
+    assert diff < 1e-4  # measured 2e-5 on the tiny model: inductor reorders float32 sums
+
+
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch, tiny_world):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
+        minipa.load_pipeline(tiny_world["model"], compile=True)
