@@ -26,7 +26,7 @@ CHANNEL_ORDERS = torch.tensor([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0
 
 def shuffle_channels(pixels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) → the same images with their channels in `CHANNEL_ORDERS[order]` ((B,) indices)."""
-    return pixels.gather(1, CHANNEL_ORDERS[order][:, :, None, None].expand_as(pixels))
+    return pixels.gather(1, CHANNEL_ORDERS.to(order.device)[order][:, :, None, None].expand_as(pixels))
 
 
 class ShapeClassifier(nn.Module):

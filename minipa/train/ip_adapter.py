@@ -62,15 +62,14 @@ class IPAdapterTraining(UNetTraining):
         # END ASSIGNMENT 10
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        embeds = self.data.image_embeds[b["index"]]  # (B, E) or (B, L, E)
+        mean, std, text, embeds = self.data.rows(b["index"], b["caption"])  # text (B, 77, D); embeds (B, E) or (B, L, E)
         uncond = self.data.uncond_image_embeds
         keep = b["keep_image"].view(-1, *[1] * (embeds.ndim - 1))
         # a dropped image is what inference uses for "no image": a zero embedding, or the features of a zero image (Plus)
         embeds = embeds * keep if uncond is None else torch.where(keep > 0, embeds, uncond)
         tokens = self.adapter.image_tokens(embeds)  # (B, N, D)
-        text = self.data.text[b["caption"]]  # (B, 77, D)
         if self.variant == "decoupled":
-            eps = self.unet(self.noisy_latents(b), b["t"], text, image_tokens=tokens)
+            eps = self.unet(self.noisy_latents(b, mean, std), b["t"], text, image_tokens=tokens)
         else:
-            eps = self.unet(self.noisy_latents(b), b["t"], torch.cat([text, tokens], dim=1))
+            eps = self.unet(self.noisy_latents(b, mean, std), b["t"], torch.cat([text, tokens], dim=1))
         return diffusion_loss(eps, b["noise"])

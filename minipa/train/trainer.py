@@ -7,10 +7,13 @@
 - Checkpoints are written atomically (a temporary file, then `os.replace`), so an interruption
   (Ctrl-C, a killed job) always leaves the last complete checkpoint in place.
 - Scale-out: under `torchrun`, each of the W processes takes its 1/W slice of the same global batch
-  and `DistributedDataParallel` averages the gradients over gloo. The mean of equal-sized slice
-  means is the global mean, so W processes follow the single-process run. Training runs on the CPU:
-  nothing here places a tensor on a GPU (NCCL, the GPU backend, would need that), so a CUDA machine
-  trains on its CPU cores too.
+  and `DistributedDataParallel` averages the gradients (NCCL between GPUs, gloo between CPUs). The
+  mean of equal-sized slice means is the global mean, so W processes follow the single-process run;
+  gradient accumulation splits a process's slice once more, into micro-batches, for the same reason.
+- Any device, any precision (`Compute`): the batch is drawn on the CPU (so a seed means the same data
+  everywhere), then moved to the device; bf16/fp16 run the forward pass under autocast, the trainable
+  parameters and the optimizer state stay float32, and fp16 scales the loss (`GradScaler`) so that small
+  gradients do not underflow. fp32 on the CPU is exactly the loop without any of this.
 
 A stage gives `fit` a `TrainingModule`: an nn.Module whose frozen parts have requires_grad=False,
 whose `forward(batch)` returns the loss, and whose `batch(generator, size)` draws a global batch.
@@ -18,12 +21,15 @@ whose `forward(batch)` returns the loss, and whose `batch(generator, size)` draw
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import inspect
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -53,6 +59,41 @@ class Schedule:
         return self.lr * (self.final_lr_fraction + (1 - self.final_lr_fraction) * cosine)
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> str:
+    """"cuda" when PyTorch sees a GPU, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and in which precision a stage trains. Apart from rounding, none of it changes what is learned:
+    `accumulation` cuts each process's share of the batch into that many micro-batches (less memory, same step)."""
+
+    device: str = "cpu"  # "cpu", "cuda" (under torchrun: this process's GPU) or "cuda:N"
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16": the dtype of the frozen models and of autocast
+    accumulation: int = 1
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "fp16" and torch.device(self.device).type == "cpu":
+            raise ValueError("precision fp16 needs a CUDA device (PyTorch's CPU kernels and GradScaler are not made for it); "
+                             "on the CPU use bf16 or fp32")
+        if type(self.accumulation) is not int or self.accumulation < 1:
+            raise ValueError(f"gradient accumulation must be a whole number ≥ 1, got {self.accumulation!r}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    def autocast(self):
+        """The forward pass's precision: bf16/fp16 matmuls and convolutions, float32 where autocast keeps it."""
+        return torch.autocast(torch.device(self.device).type, dtype=self.dtype, enabled=self.precision != "fp32")
+
+
 class TrainingModule(nn.Module):
     """What a stage provides: the loss of a batch, and how to draw one.
 
@@ -72,6 +113,24 @@ class TrainingModule(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def place(self, device: torch.device) -> "TrainingModule":
+        """Move the module and the data it holds as attributes (tensors, dicts and dataclasses of them) to `device`."""
+        self.to(device)
+        for name, value in list(vars(self).items()):
+            if not name.startswith("_"):
+                setattr(self, name, _moved(value, device))
+        return self
+
+
+def _moved(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _moved(v, device) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _moved(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init})
+    return value
+
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The only source of randomness at `step`: a pure function of (seed, step)."""
@@ -81,12 +140,23 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 # ─── processes ───────────────────────────────────────────────────────────────────────────────────
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when run under torchrun (WORLD_SIZE > 1)."""
+def distributed(device: str = "cpu") -> tuple[int, int]:
+    """(rank, world size); starts the process group when run under torchrun (WORLD_SIZE > 1):
+    NCCL for GPUs, gloo for CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # CPU tensors only (see the module docstring)
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def process_device(device: str) -> torch.device:
+    """This process's device: under torchrun, "cuda" means the GPU of its local rank (one process per GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def local_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
@@ -138,47 +208,63 @@ def _load_checkpoint(path: Path, schedule: Schedule, name: str) -> dict:
 # ─── the loop ────────────────────────────────────────────────────────────────────────────────────
 
 
+@dataclass
+class _Run:
+    """Everything a checkpoint holds besides the settings and the trainable weights."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16's loss scale (a no-op in fp32 and bf16)
+    ema: dict
+    step: int = 0
+    losses: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
 def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: str, resume: bool = False,
-        progress: bool = True) -> dict:
+        progress: bool = True, compute: Compute | None = None, on_step: Callable[[int], None] | None = None) -> dict:
     """Train the parameters of `module` that require grad; returns {"losses", "seconds", "ema"}.
 
     The EMA weights (or the raw weights, without EMA) are the result, in `result["ema"]`, and are
     also loaded into `module` at the end. Checkpoint every `schedule.checkpoint_every` steps and at
-    the end; with `resume`, continue from `checkpoint` if it exists.
+    the end; with `resume`, continue from `checkpoint` if it exists. `compute`: device, precision and
+    gradient accumulation (default: the CPU, fp32). `on_step(n)` runs in the first process after step n
+    (counted from 1) and its checkpoint: to export weights or draw samples on the way.
     """
-    rank, world = distributed()
+    compute = compute or Compute()
+    rank, world = distributed(compute.device)
+    if schedule.batch_size % (world * compute.accumulation):
+        raise ValueError(f"the batch ({schedule.batch_size}) must divide evenly over {world} process(es) × "
+                         f"{compute.accumulation} micro-batch(es)")
+    device = process_device(compute.device)
     checkpoint = Path(checkpoint)
-    optimizer = make_optimizer(module, schedule)
-    ema, start, losses, seconds = trainable_state(module), 0, [], 0.0
+    module.place(device)
+    run = _Run(make_optimizer(module, schedule), torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16"),
+               trainable_state(module))
     if resume and checkpoint.is_file():
-        ema, start, losses, seconds = _resume(module, optimizer, checkpoint, schedule, name)
-    model = _data_parallel(module) if world > 1 else module
-
-    def save(step: int):
-        if rank == 0:
-            save_atomically({"stage": name, "schedule": asdict(schedule), "step": step, "model": trainable_state(module),
-                             "optimizer": optimizer.state_dict(), "ema": ema, "losses": losses, "seconds": seconds}, checkpoint)
-
-    bar = tqdm(total=schedule.steps, initial=start, desc=name, disable=not progress or rank != 0, dynamic_ncols=True)
-    began = time.perf_counter() - seconds
+        _resume(module, run, checkpoint, schedule, name)
+    model = _data_parallel(module, device) if world > 1 else module
+    bar = tqdm(total=schedule.steps, initial=run.step, desc=name, disable=not progress or rank != 0, dynamic_ncols=True)
+    began = time.perf_counter() - run.seconds
     try:
-        for step in range(start, schedule.steps):
-            loss = _train_step(model, module, optimizer, schedule, step, rank, world)
-            _update_ema(ema, module, schedule.ema)
-            losses.append(_global_mean(loss.detach(), world))
-            seconds = time.perf_counter() - began
+        for step in range(run.step, schedule.steps):
+            loss = _train_step(model, module, run, schedule, compute, step, (rank, world), device)
+            _update_ema(run.ema, module, schedule.ema)
+            run.losses.append(_global_mean(loss, world))
+            run.step, run.seconds = step + 1, time.perf_counter() - began
             bar.update(1)
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
-            if (step + 1) % schedule.checkpoint_every == 0 or step + 1 == schedule.steps:
-                save(step + 1)
+            bar.set_postfix(loss=f"{sum(run.losses[-20:]) / len(run.losses[-20:]):.4f}", refresh=False)
+            if rank == 0 and (run.step % schedule.checkpoint_every == 0 or run.step == schedule.steps):
+                _save(module, run, checkpoint, schedule, name)
+            if rank == 0 and on_step is not None:
+                on_step(run.step)
     except KeyboardInterrupt:
         bar.close()
         if rank == 0:
-            print(f"\n{name}: interrupted at step {len(losses)}; the last checkpoint ({checkpoint}) is intact: rerun with --resume")
+            print(f"\n{name}: interrupted at step {len(run.losses)}; the last checkpoint ({checkpoint}) is intact: rerun with --resume")
         raise
     bar.close()
-    load_trainable(module, ema)
-    return {"losses": losses, "seconds": seconds, "ema": ema}
+    load_trainable(module, run.ema)
+    return {"losses": run.losses, "seconds": run.seconds, "ema": run.ema}
 
 
 def make_optimizer(module: nn.Module, schedule: Schedule) -> torch.optim.AdamW:
@@ -192,37 +278,57 @@ def make_optimizer(module: nn.Module, schedule: Schedule) -> torch.optim.AdamW:
     )
 
 
-def _resume(module: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: Path, schedule: Schedule,
-            name: str) -> tuple[dict, int, list, float]:
-    """Load `checkpoint` into `module` and `optimizer`; → (ema, step, losses, seconds) to continue from."""
+def _save(module: nn.Module, run: _Run, checkpoint: Path, schedule: Schedule, name: str) -> None:
+    save_atomically({"stage": name, "schedule": asdict(schedule), "step": run.step, "model": trainable_state(module),
+                     "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(), "ema": run.ema,
+                     "losses": run.losses, "seconds": run.seconds}, checkpoint)
+
+
+def _resume(module: nn.Module, run: _Run, checkpoint: Path, schedule: Schedule, name: str) -> None:
+    """Load `checkpoint` into `module` and `run`, to continue from its step."""
     state = _load_checkpoint(checkpoint, schedule, name)
     if set(state["model"]) != {n for n, p in module.named_parameters() if p.requires_grad}:
         raise CheckpointError(f"{checkpoint}: its parameters are not those of stage {name!r}")
     load_trainable(module, state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["ema"], state["step"], state["losses"], state["seconds"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(state["scaler"])
+    device = next(iter(run.ema.values())).device
+    run.ema = {k: v.to(device) for k, v in state["ema"].items()}
+    run.step, run.losses, run.seconds = state["step"], state["losses"], state["seconds"]
 
 
-def _train_step(model: nn.Module, module: TrainingModule, optimizer: torch.optim.Optimizer, schedule: Schedule,
-                step: int, rank: int, world: int) -> torch.Tensor:
-    """One optimizer step on this process's slice of step `step`'s global batch; returns the slice's loss."""
-    batch = local_slice(module.batch(step_generator(schedule.seed, step), schedule.batch_size), rank, world)
-    for group in optimizer.param_groups:
+def _train_step(model: nn.Module, module: TrainingModule, run: _Run, schedule: Schedule, compute: Compute, step: int,
+                process: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """One optimizer step on this process's slice of step `step`'s global batch, in `compute.accumulation`
+    micro-batches whose gradients add up; returns the slice's loss."""
+    batch = local_slice(module.batch(step_generator(schedule.seed, step), schedule.batch_size), *process)
+    for group in run.optimizer.param_groups:
         group["lr"] = schedule.lr_at(step)
-    loss = model(batch)  # `model`: `module`, or its DistributedDataParallel wrapper
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
+    n = compute.accumulation
+    run.optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(n):
+        piece = {k: v.to(device) for k, v in local_slice(batch, i, n).items()}
+        sync = i == n - 1 or model is module  # DistributedDataParallel averages the gradients after the last micro-batch only
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with compute.autocast():
+                loss = model(piece)  # `model`: `module`, or its DistributedDataParallel wrapper
+            run.scaler.scale(loss / n).backward()  # the mean over micro-batches is the mean over the slice
+        total = total + loss.detach()
+    run.scaler.step(run.optimizer)  # fp16: unscale, and skip the step if a gradient overflowed
+    run.scaler.update()
+    return total / n
 
 
-def _data_parallel(module: nn.Module) -> nn.Module:
+def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
     """DistributedDataParallel that does not re-send buffers before every step: ours are constants,
     equal in every process. torch 2.13 renamed the switch (and warns on the old name)."""
     ddp = nn.parallel.DistributedDataParallel
+    devices = {"device_ids": [device.index]} if device.type == "cuda" else {}
     if "forward_sync_buffers" in inspect.signature(ddp).parameters:
-        return ddp(module, forward_sync_buffers=False)
-    return ddp(module, broadcast_buffers=False)
+        return ddp(module, forward_sync_buffers=False, **devices)
+    return ddp(module, broadcast_buffers=False, **devices)
 
 
 @torch.no_grad()

@@ -46,6 +46,20 @@ class DiffusionData:
     def empty(self) -> int:
         return len(self.text) - 1
 
+    @property
+    def num_images(self) -> int:
+        return len(self.latent_mean)
+
+    @property
+    def latent_shape(self) -> torch.Size:
+        return self.latent_mean.shape[1:]
+
+    def rows(self, index: torch.Tensor, caption: torch.Tensor):
+        """The frozen models' outputs for a batch: the latent posterior (mean, std) of images `index`, the text
+        tokens of captions `caption` and the image features of images `index` (None without them)."""
+        embeds = None if self.image_embeds is None else self.image_embeds[index]
+        return self.latent_mean[index], self.latent_std[index], self.text[caption], embeds
+
 
 class UNetTraining(TrainingModule):
     def __init__(self, unet: UNet2DConditionModel, data: DiffusionData, empty_caption_rate: float = EMPTY_CAPTION_RATE,
@@ -61,12 +75,12 @@ class UNetTraining(TrainingModule):
     def draw(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         """The randomness every diffusion stage shares: images, posterior noise, t, ε."""
         d = self.data
-        index = torch.randint(len(d.latent_mean), (size,), generator=generator)
+        index = torch.randint(d.num_images, (size,), generator=generator)
         return {
             "index": index,
-            "latent_noise": torch.randn((size, *d.latent_mean.shape[1:]), generator=generator),
+            "latent_noise": torch.randn((size, *d.latent_shape), generator=generator),
             "t": torch.randint(len(self.alphas_cumprod), (size,), generator=generator),
-            "noise": torch.randn((size, *d.latent_mean.shape[1:]), generator=generator),
+            "noise": torch.randn((size, *d.latent_shape), generator=generator),
             "u": torch.rand(size, generator=generator),  # decides which conditions are dropped
         }
 
@@ -81,11 +95,12 @@ class UNetTraining(TrainingModule):
         b["caption"] = torch.where(b["u"] < self.empty_caption_rate, self.data.empty, caption)
         return b
 
-    def noisy_latents(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        d = self.data
-        z = d.scaling_factor * (d.latent_mean[b["index"]] + d.latent_std[b["index"]] * b["latent_noise"])  # (B, 4, 8, 8)
+    def noisy_latents(self, b: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """x_t from the latent posterior (mean, std) of the batch's images: a fresh z, then noise at t."""
+        z = self.data.scaling_factor * (mean + std * b["latent_noise"])  # (B, 4, h, w)
         return add_noise(z, b["noise"], b["t"], self.alphas_cumprod)  # x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε   (paper eq. 1)
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        eps = self.unet(self.noisy_latents(b), b["t"], self.data.text[b["caption"]])
+        mean, std, text, _ = self.data.rows(b["index"], b["caption"])
+        eps = self.unet(self.noisy_latents(b, mean, std), b["t"], text)
         return diffusion_loss(eps, b["noise"])  # ‖ε − ε_θ(x_t, c, t)‖²   (paper eq. 1)
