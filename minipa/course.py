@@ -400,7 +400,7 @@ def _matches(nodeid: str, pattern: str) -> bool:
 # ─── The student copy ────────────────────────────────────────────────────────────────────────────
 
 _NOT_COPIED = {".git", ".venv", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "out"}
-STAFF_ONLY = ("tests/test_course.py",)  # tests of this machinery, which expect the solutions: not handed out
+STAFF_ONLY = ("tests/test_course.py", "tests/course_mistakes.py")  # tests of this machinery, which expect the solutions: not handed out
 
 STUDENT_CONFTEST = '''"""Written by `minipa course make-student`: skips the end-to-end tests while an assignment is blank."""
 

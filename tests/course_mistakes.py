@@ -19,6 +19,7 @@ import ast
 import contextlib
 import importlib
 import inspect
+import itertools
 import json
 import os
 import sys
@@ -255,16 +256,16 @@ MISTAKES = (
         return self.norm(tokens)
     """),
     # 8. decoupled cross-attention: text + λ·image, two softmaxes
+    Mistake(8, "one softmax over text and image tokens concatenated", "one softmax over [text; image]", """
+        if scale == 0:
+            return attention(q, k, v)
+        return attention(q, torch.cat([k, k_ip], dim=2), torch.cat([v, scale * v_ip], dim=2))
+    """),
     Mistake(8, "λ on both branches", "λ multiplies the text branch too", """
         return scale * (attention(q, k, v) + attention(q, k_ip, v_ip))
     """),
     Mistake(8, "(1−λ)·text + λ·image", "the text branch must keep weight 1", """
         return (1 - scale) * attention(q, k, v) + scale * attention(q, k_ip, v_ip)
-    """),
-    Mistake(8, "one softmax over text and image tokens concatenated", "one softmax over [text; image]", """
-        if scale == 0:
-            return attention(q, k, v)
-        return attention(q, torch.cat([k, k_ip], dim=2), torch.cat([v, scale * v_ip], dim=2))
     """),
     Mistake(8, "the image branch with the text keys", "used the text keys K instead of K′", """
         return attention(q, k, v) + scale * attention(q, k, v_ip)
@@ -415,32 +416,40 @@ def solved_with(number: int, body: str):
         function.__code__ = own
 
 
-def grade_body(number: int, body: str) -> dict:
-    """Run assignment `number`'s grading tests with `body` in its region: the assignment's score row, and its
-    first failing message (in the order the assignment lists its tests)."""
+def grade_bodies(bodies: dict[int, str]) -> list[dict]:
+    """Grade several assignments in one pytest run, each with its body in its region: their score rows, each with
+    its first failing message (in the order the assignment lists its tests). One run serves them all because an
+    assignment's grading tests run its region alone (what tests/test_course.py checks on the student copy)."""
     import pytest
 
     from minipa.course import read_report, score
 
-    a = assignment(number)
-    with tempfile.TemporaryDirectory() as tmp, solved_with(number, body):
+    chosen = [assignment(n) for n in sorted(bodies)]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as swaps:
+        for n, body in bodies.items():
+            swaps.enter_context(solved_with(n, body))
         report = Path(tmp) / "report.xml"
-        pytest.main(["-p", "no:cacheprovider", "-q", "--no-header", "-o", "console_output_style=classic",
-                     f"--junitxml={report}", "-o", "junit_family=xunit1", *a.tests])
-        row = score([a], read_report(report))[0]
-    row["first_message"] = next((t["message"] for t in row["tests"] if t["outcome"] != "passed"), "")
-    return row
+        pytest.main(["-p", "no:cacheprovider", "-q", "--no-header", f"--junitxml={report}", "-o", "junit_family=xunit1",
+                     *dict.fromkeys(t for a in chosen for t in a.tests)])
+        rows = score(chosen, read_report(report))
+    for row in rows:
+        row["first_message"] = next((t["message"] for t in row["tests"] if t["outcome"] != "passed"), "")
+    return rows
 
 
 def main(out: str, names: list[str]) -> None:
-    """Grade the named mistakes (all if none), then each of their assignments' reference solutions; write JSON."""
+    """Grade the named mistakes (all if none), in rounds of one mistake per assignment, then their assignments'
+    reference solutions in one more round; write one JSON row per mistake and per reference to `out`."""
     chosen = [m for m in MISTAKES if not names or m.name in names]
+    numbers = sorted({m.assignment for m in chosen})
+    rounds = [[m for m in chosen if m.assignment == n] for n in numbers]
     rows = []
     with contextlib.redirect_stdout(sys.stderr):  # pytest's progress lines
-        for m in chosen:
-            rows.append({"name": m.name, **grade_body(m.assignment, m.body)})
-        for number in sorted({m.assignment for m in chosen}):
-            rows.append({"name": "reference", **grade_body(number, reference_body(number))})
+        for round_ in itertools.zip_longest(*rounds):
+            mistakes = {m.assignment: m for m in round_ if m is not None}
+            graded = grade_bodies({n: m.body for n, m in mistakes.items()})
+            rows += [{"name": mistakes[row["number"]].name, **row} for row in graded]
+        rows += [{"name": "reference", **row} for row in grade_bodies({n: reference_body(n) for n in numbers})]
     Path(out).write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
 
 
