@@ -621,7 +621,8 @@ def course_readme(assignments: list[Assignment] | tuple[Assignment, ...] = ASSIG
             f"**What it teaches:** {a.teaches}.\n\n",
             f"**What to write:** {a.task}\n\n",
             "**Hints**\n\n", *(f"- {hint}\n" for hint in a.hints),
-            "\n**Graded by**\n\n", *(f"- `{t}`\n" for t in a.tests),
+            "\n**Graded by** (points: each test's share; the first test that fails names what is wrong)\n\n",
+            *(f"- `{t}` ({points_of(a, t):g})\n" for t in a.tests),
             f"\n```bash\npython -m pytest -x {' '.join(sorted({t.split('::')[0] for t in a.tests}))} -k \"{' or '.join(_names(a))}\"\n"
             f"minipa course grade --assignment {a.number}\n```\n",
         ]
@@ -629,6 +630,12 @@ def course_readme(assignments: list[Assignment] | tuple[Assignment, ...] = ASSIG
         lines += ["\n## Tests that need every assignment\n\n", "Skipped until no region is blank:\n\n",
                   *(f"- `{t}`\n" for t in NEEDS_EVERY_ASSIGNMENT)]
     return "".join(lines)
+
+
+def points_of(a: Assignment, pattern: str) -> float:
+    """The points a listed test (all its parametrizations together) is worth."""
+    weight = lambda p: a.weights.get(p.split("::")[-1], 1)  # noqa: E731
+    return round(a.points * weight(pattern) / sum(map(weight, a.tests)), 1)
 
 
 def _names(a: Assignment) -> list[str]:
