@@ -55,8 +55,9 @@ def average(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def norm_average(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """average(x_k/‖x_k‖) · mean_k ‖x_k‖   (each image counts by its weight alone, not its length; ‖·‖ over features)"""
-    norms = x.norm(dim=-1, keepdim=True)
+    """average(x_k/‖x_k‖) · mean_k ‖x_k‖   (each image counts by its weight alone, not its length; ‖·‖ over features;
+    a zero x_k stays zero)"""
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
     return average(x / norms, w) * norms.mean(0, keepdim=True)
 
 
