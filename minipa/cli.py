@@ -195,6 +195,8 @@ def _add_course(commands) -> None:
     steps = course.add_subparsers(dest="course_command", required=True)
     make = steps.add_parser("make-student", help="write a student copy: each assignment's region replaced by a NotImplementedError")
     make.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) folder")
+    make.add_argument("--challenge", action="store_true",
+                      help="stubs state only the goal, the paper's equation, the shapes and the grading tests (no hints)")
     grade = steps.add_parser("grade", help="run each assignment's grading tests; print a score table (exit 0 only at full marks)")
     grade.add_argument("directory", nargs="?", default=".", metavar="DIR", help="the copy to grade (default: here)")
     grade.add_argument("--json", action="store_true", help="print the scores and every test's outcome as JSON")
@@ -207,7 +209,7 @@ def course(args) -> int:
     from minipa.course import grade, make_student
 
     if args.course_command == "make-student":
-        out = make_student(args.out_dir, only=args.assignment)
+        out = make_student(args.out_dir, only=args.assignment, challenge=args.challenge)
         print(f"wrote a student copy to {out}; the course is in {out / 'assignments' / 'README.md'}")
         return 0
     summary = grade(args.directory, json=args.json, only=args.assignment)

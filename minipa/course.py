@@ -55,6 +55,7 @@ class Assignment:
     points: int
     prerequisites: tuple[int, ...]
     minutes: int  # estimated time
+    goal: str  # the challenge stub: what the code must do, the paper's section and equation, the shapes — no code hints
     # tests that weigh more (or less) than 1, by the name after "::": an assignment's points are shared among its
     # tests in proportion to their weights (a parametrized entry's weight among its cases), so that the parity
     # tests can outweigh the diagnostic ones and a solution wrong anywhere earns less than half
@@ -63,6 +64,11 @@ class Assignment:
     @property
     def message(self) -> str:
         return f"Assignment {self.number}: {self.task}"
+
+    @property
+    def challenge_message(self) -> str:
+        tests = ", ".join(dict.fromkeys(t.split("::")[-1].split("[")[0] for t in self.tests))
+        return f"Assignment {self.number}: {self.goal} Graded by {tests} (minipa course grade --assignment {self.number})."
 
 
 # ─── The course, in order. To add one: mark a region in the source, add a row here. ──────────────
@@ -81,6 +87,7 @@ ASSIGNMENTS = (
                "tests/test_ddpm.py::test_add_noise_and_velocity_keep_the_sample_dtype",
                "tests/test_ddpm.py::test_add_noise_equals_diffusers_and_paper_eq1"),
         points=10, prerequisites=(), minutes=20,
+        goal="make x_t, a clean latent noised in one jump to timestep t: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (paper §3.1, eq. 1; the paper's α_t is ᾱ_t, alphas_cumprod). Shapes: x0, noise (B, C, H, W); t (B,) integer timesteps; alphas_cumprod (T,) float32 → x_t (B, C, H, W) in x0's dtype.",
         weights={"test_add_noise_scales_x0_and_noise_by_the_square_roots_of_paper_eq1": 2, "test_add_noise_equals_diffusers_and_paper_eq1": 4},
     ),
     Assignment(
@@ -93,6 +100,7 @@ ASSIGNMENTS = (
                "tests/test_ddpm.py::test_loss_squares_the_error", "tests/test_ddpm.py::test_loss_is_computed_in_float32",
                "tests/test_ddpm.py::test_loss_is_mean_squared_noise_error"),
         points=5, prerequisites=(1,), minutes=10,
+        goal="the training loss of paper §3.1, eq. 1, ‖ε − ε_θ(x_t, c, t)‖², averaged over batch and pixels, as a float32 tensor that training can backpropagate. Shapes: prediction (ε_θ) and target (ε) (B, C, H, W), any float dtype → () float32.",
         weights={"test_loss_is_mean_squared_noise_error": 4},
     ),
     Assignment(
@@ -115,6 +123,7 @@ ASSIGNMENTS = (
             "tests/test_ddim.py::test_full_50_step_loop_equals_diffusers",
         ),
         points=15, prerequisites=(1,), minutes=45,
+        goal="one DDIM step from x_t to the previous of the n inference timesteps, for any η ≥ 0 (paper §3.1's fast sampler; DDIM eq. 12 and 16), with SD 1.5's convention after the last step (set_alpha_to_one). Shapes: model_output, x_t (B, C, H, W); t an int of self.timesteps → StepOutput(prev_sample, pred_original_sample), both (B, C, H, W).",
         # η > 0 (the σ terms) is half of the step: its test outweighs the others, or σ's mistakes would pass at η = 0
         weights={"test_ddim_step_with_eta_has_the_direction_and_noise_terms_of_ddim_eq12": 7, "test_every_step_equals_diffusers": 4,
                  "test_full_50_step_loop_equals_diffusers": 2},
@@ -133,6 +142,7 @@ ASSIGNMENTS = (
             "tests/test_guidance.py::test_both_forms_of_paper_eq2_agree",
         ),
         points=5, prerequisites=(), minutes=15,
+        goal="classifier-free guidance, paper §3.1, eq. 2: ε̂ = w·ε_θ(x_t, c, t) + (1−w)·ε_θ(x_t, t); w = 1 returns the conditional prediction exactly. Shapes: eps_uncond, eps_cond (B, C, H, W); w a float ≥ 0 → (B, C, H, W).",
         weights={"test_both_forms_of_paper_eq2_agree": 4},
     ),
     Assignment(
@@ -159,6 +169,7 @@ ASSIGNMENTS = (
             "tests/test_ip_adapter.py::test_resampler_equals_diffusers_plus_projection[explicit]",
         ),
         points=15, prerequisites=(), minutes=30,
+        goal="scaled dot-product attention, Softmax(QKᵀ/√d)V (the attention of paper §3.2.2), honouring a bool mask (True = may attend). Shapes: q (B, heads, Lq, d); k, v (B, heads, Lk, d); mask None or bool broadcastable to (B, heads, Lq, Lk) → (B, heads, Lq, d).",
         # the mask is half of the assignment, and only the causal tests use one
         weights={"test_masked_keys_get_no_weight": 3, "test_explicit_and_sdpa_agree_with_causal_mask": 5,
                  "test_text_encoder_causal_mask_explicit_and_sdpa_agree": 4},
@@ -186,6 +197,7 @@ ASSIGNMENTS = (
             "tests/test_reliability.py::test_fuzz_tokenizer_never_crashes_and_stays_in_vocabulary",
         ),
         points=15, prerequisites=(), minutes=45,
+        goal="CLIP's byte-pair encoding of one word, as SD 1.5's tokenizer does it: apply the merges of merges.txt (self.ranks: pair → rank, lower = earlier) to `symbols` until none applies. Shapes: symbols, a list of str (the word's characters, the last ending in '</w>') → symbols, the merged list.",
         weights={"test_ids_and_masks_equal_transformers_on_corpus": 4, "test_unpadded_encode_equals_transformers": 2},
     ),
     Assignment(
@@ -203,6 +215,7 @@ ASSIGNMENTS = (
                "tests/test_ip_adapter.py::test_mlp_projection_equals_diffusers_faceid_projection",  # MLPProjection reuses forward
                "tests/test_ip_adapter.py::test_image_projection_equals_diffusers"),
         points=5, prerequisites=(), minutes=20,
+        goal="the image projection of paper §3.2.1: the global CLIP image embedding → N image tokens of the text-feature width, with self.proj (Linear) and self.norm (LayerNorm). Shapes: image_embeds (…, E) → (…, N, D).",
         weights={"test_mlp_projection_equals_diffusers_faceid_projection": 2, "test_image_projection_equals_diffusers": 4},
     ),
     Assignment(
@@ -221,6 +234,7 @@ ASSIGNMENTS = (
             "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]",
         ),
         points=10, prerequisites=(5, 7), minutes=30,
+        goal="decoupled cross-attention, paper §3.2.2: Z_new = Softmax(QKᵀ/√d)V + Softmax(QK′ᵀ/√d)V′, with §3.2.3's inference weight λ = scale on the image branch; λ = 0 is plain attention exactly. Shapes: q (B, heads, Lq, d); k, v (B, heads, 77, d); k_ip, v_ip (B, heads, N, d) → (B, heads, Lq, d).",
         weights={"test_the_image_branch_is_added_with_weight_lambda": 2, "test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]": 4},
     ),
     Assignment(
@@ -244,6 +258,7 @@ ASSIGNMENTS = (
             "tests/test_vae.py::test_text_encoder_file_given_as_vae_is_a_clear_error",
         ),
         points=10, prerequisites=(), minutes=30,
+        goal="rename one VAE weight key between LDM's level numbering (encoder.down.{i}, decoder.up.{j}) and diffusers' (encoder.down_blocks.{i}, decoder.up_blocks.{j}), in the direction to_diffusers says, so that diffusers' converter agrees; other keys unchanged. Shapes: key a str; levels the number of resolution levels → a str.",
         # the file tests read back what minipa's own rule wrote: only diffusers' converter can tell a wrong rule
         weights={"test_ldm_names_agree_with_diffusers_converter": 4, "test_full_size_ldm_keys_round_trip_and_match_diffusers_converter": 4},
     ),
@@ -262,6 +277,7 @@ ASSIGNMENTS = (
                "tests/test_train.py::test_condition_dropping_follows_the_running_sums_of_the_rates",
                "tests/test_train.py::test_condition_dropping_rates"),
         points=10, prerequisites=(2, 4, 7), minutes=25,
+        goal="decide which condition each training sample drops, from one uniform number per sample b[\"u\"]: the image, the text or both, never overlapping, with the rates (p_i, p_t, p_b) = self.rates (the paper's recipe, 5% each). Shapes: set b[\"caption\"] (B,) caption rows (self.data.empty where the text is dropped, else the sample's own) and b[\"keep_image\"] (B,) float (0 where the image is dropped); return b.",
         weights={"test_condition_dropping_rates": 4},
     ),
 )
@@ -357,9 +373,11 @@ def replace_region(text: str, n: int, body: list[str]) -> str:
     return "".join(lines[: begin + 1] + [line.rstrip("\n") + "\n" for line in body] + lines[end:])
 
 
-def stub(assignment: Assignment, indent: str) -> list[str]:
-    """The student's starting point: a `raise NotImplementedError("Assignment n: …")` that says what to write."""
-    pieces = textwrap.wrap(assignment.message, 96, break_long_words=False, break_on_hyphens=False)
+def stub(assignment: Assignment, indent: str, challenge: bool = False) -> list[str]:
+    """The student's starting point: a `raise NotImplementedError("Assignment n: …")` that says what to write
+    (guided), or only the goal, the paper's equation, the shapes and the grading tests (challenge)."""
+    message = assignment.challenge_message if challenge else assignment.message
+    pieces = textwrap.wrap(message, 96, break_long_words=False, break_on_hyphens=False)
     pieces = [piece + " " for piece in pieces[:-1]] + pieces[-1:]  # the spaces the wrapping took out
     literals = [_json.dumps(piece, ensure_ascii=False) for piece in pieces]  # a JSON string is a Python literal
     return [f"{indent}raise NotImplementedError(", *(f"{indent}    {q}" for q in literals), f"{indent})"]
@@ -446,10 +464,12 @@ def _chosen(only: list[int] | None) -> list[Assignment]:
     return chosen
 
 
-def make_student(out_dir: str | Path, root: str | Path = ROOT, only: list[int] | None = None) -> Path:
+def make_student(out_dir: str | Path, root: str | Path = ROOT, only: list[int] | None = None, challenge: bool = False) -> Path:
     """Write a student copy of the repository at `root` into `out_dir` (new or empty); returns it.
 
     `only`: cut out just these assignments (e.g. this week's); the others stay solved.
+    `challenge`: stubs and README state each goal, its paper equation, the shapes and the grading tests, without the
+    guided copy's step-by-step task and hints. Only the stubs differ: the copies are the same outside the regions.
     """
     root, out = Path(root).resolve(), Path(out_dir).resolve()
     chosen = _chosen(only)
@@ -463,11 +483,11 @@ def make_student(out_dir: str | Path, root: str | Path = ROOT, only: list[int] |
     for a in chosen:
         path = out / a.file
         text = path.read_text(encoding="utf-8")
-        path.write_text(replace_region(text, a.number, stub(a, find_regions(text)[a.number][2])), encoding="utf-8")
+        path.write_text(replace_region(text, a.number, stub(a, find_regions(text)[a.number][2], challenge)), encoding="utf-8")
     conftest = out / "conftest.py"
     conftest.write_text((conftest.read_text(encoding="utf-8") + "\n" if conftest.exists() else "") + STUDENT_CONFTEST)
     (out / "assignments").mkdir(exist_ok=True)
-    (out / "assignments" / "README.md").write_text(course_readme(chosen), encoding="utf-8")
+    (out / "assignments" / "README.md").write_text(course_readme(chosen, challenge), encoding="utf-8")
     return out
 
 
@@ -578,7 +598,7 @@ README_INTRO = """# minipa course: Stable Diffusion and IP-Adapter, one function
 
 This copy of minipa has {count} pieces cut out. Each is a function body that now raises
 `NotImplementedError("Assignment n: …")`, between the lines `# BEGIN ASSIGNMENT n` and
-`# END ASSIGNMENT n`; the message says what to write. Everything else is complete, and the tests
+`# END ASSIGNMENT n`; the message says what to write. {mode} Everything else is complete, and the tests
 that grade you already exist: they compare your code with `diffusers` / `transformers`.
 
 ## How to work
@@ -605,9 +625,18 @@ diffusers.
 """
 
 
-def course_readme(assignments: list[Assignment] | tuple[Assignment, ...] = ASSIGNMENTS) -> str:
-    """assignments/README.md: the course, generated from the assignment table."""
-    lines = [README_INTRO.format(count=len(assignments))]
+MODES = {
+    False: "This is a **guided** copy: each message and each section below gives the equation to compute and hints "
+           "on how (`minipa course make-student --challenge` makes a copy without them).",
+    True: "This is a **challenge** copy: each message and each section below states only the goal, the paper's "
+          "section and equation, the shapes and the tests that grade it; how to compute it is yours to work out "
+          "(`minipa course make-student` without `--challenge` makes a guided copy, with hints).",
+}
+
+
+def course_readme(assignments: list[Assignment] | tuple[Assignment, ...] = ASSIGNMENTS, challenge: bool = False) -> str:
+    """assignments/README.md: the course, generated from the assignment table, guided or challenge."""
+    lines = [README_INTRO.format(count=len(assignments), mode=MODES[challenge])]
     for a in assignments:
         needs = ", ".join(map(str, a.prerequisites)) or "—"
         lines.append(f"| {a.number} | {a.title} | `{a.file}`: `{a.where}` | {needs} | {a.minutes} min | {a.points} |\n")
@@ -619,8 +648,8 @@ def course_readme(assignments: list[Assignment] | tuple[Assignment, ...] = ASSIG
             f"\n## {a.number}. {a.title}\n\n",
             f"*{a.file}*, `{a.where}` · prerequisites: {needs} · about {a.minutes} min · {a.points} points\n\n",
             f"**What it teaches:** {a.teaches}.\n\n",
-            f"**What to write:** {a.task}\n\n",
-            "**Hints**\n\n", *(f"- {hint}\n" for hint in a.hints),
+            *([f"**Goal:** {a.goal}\n\n"] if challenge else
+              [f"**What to write:** {a.task}\n\n", "**Hints**\n\n", *(f"- {hint}\n" for hint in a.hints)]),
             "\n**Graded by** (points: each test's share; the first test that fails names what is wrong)\n\n",
             *(f"- `{t}` ({points_of(a, t):g})\n" for t in a.tests),
             f"\n```bash\npython -m pytest -x {' '.join(sorted({t.split('::')[0] for t in a.tests}))} -k \"{' or '.join(_names(a))}\"\n"

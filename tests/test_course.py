@@ -210,3 +210,51 @@ def test_every_catalogued_wrong_solution_earns_under_half_and_its_message_names_
     from course_mistakes import MISTAKES
 
     graded_catalogue(tmp_path, MISTAKES)
+
+
+# ─── The challenge copy (make-student --challenge) ──────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def challenge(tmp_path_factory):
+    return course.make_student(tmp_path_factory.mktemp("course") / "challenge", challenge=True)
+
+
+def test_the_challenge_copy_is_the_guided_copy_with_other_stubs(student, challenge):
+    """Outside the regions (and the README) the two copies are the same bytes, and both stubs raise before any other
+    line runs: so what the guided copy proves (putting back solution k makes exactly assignment k pass,
+    test_putting_back_solution_k_makes_exactly_assignment_k_pass) holds for the challenge copy too."""
+    guided_files = {p.relative_to(student) for p in student.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    challenge_files = {p.relative_to(challenge) for p in challenge.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert guided_files == challenge_files
+    stubbed = {a.file for a in ASSIGNMENTS}
+    for name in guided_files - {Path("assignments/README.md")} - {Path(f) for f in stubbed}:
+        assert (student / name).read_bytes() == (challenge / name).read_bytes(), name
+    swapped = {}  # each file of the challenge copy with the guided copy's stubs put in its regions
+    for a in ASSIGNMENTS:
+        ours, theirs = (student / a.file).read_text(encoding="utf-8"), swapped.get(a.file) or (challenge / a.file).read_text(encoding="utf-8")
+        assert region_body(theirs, a.number) == course.stub(a, find_regions(theirs)[a.number][2], challenge=True)
+        swapped[a.file] = replace_region(theirs, a.number, region_body(ours, a.number))
+        theirs = (challenge / a.file).read_text(encoding="utf-8")
+        cut = " ".join("\n".join(region_body(theirs, a.number)).split())
+        assert a.goal.split()[0] in cut and all(hint not in cut for hint in a.hints), a.number
+        assert all(t.split("::")[-1].split("[")[0] in cut.replace('" "', "") for t in a.tests), a.number
+    assert all((student / name).read_text(encoding="utf-8") == text for name, text in swapped.items())
+
+
+def test_each_readme_says_which_mode_its_copy_is_in(student, challenge):
+    guided, hard = ((copy / "assignments" / "README.md").read_text(encoding="utf-8") for copy in (student, challenge))
+    assert "This is a **guided** copy" in guided and "This is a **challenge** copy" in hard
+    for a in ASSIGNMENTS:
+        assert a.goal in hard and a.task not in hard and not any(hint in hard for hint in a.hints), a.number
+        assert a.task in guided and all(hint in guided for hint in a.hints) and all(t in hard for t in a.tests), a.number
+
+
+def test_cli_makes_a_challenge_copy_whose_every_assignment_fails_with_its_own_stub(tmp_path, capsys):
+    assert cli(["course", "make-student", str(tmp_path / "copy"), "--challenge"]) == 0
+    capsys.readouterr()
+    summary = course.grade(tmp_path / "copy", json=True, out=io.StringIO())
+    assert summary["points"] == 0
+    for a, row in zip(ASSIGNMENTS, summary["assignments"]):
+        stub = f"NotImplementedError: {a.challenge_message}"[:60]
+        assert row["passed"] == 0 and all(t["message"].startswith(stub) for t in row["tests"]), (a.number, row["tests"][0])
