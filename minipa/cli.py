@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_encode_image(commands)
     _add_course(commands)
     _add_train_and_eval(commands)
+    _add_train_adapter(commands)
     return parser
 
 
@@ -189,6 +190,59 @@ def evaluate(args) -> int:
     return 0
 
 
+def _add_train_adapter(commands) -> None:
+    ta = commands.add_parser(
+        "train-adapter", help="train an IP-Adapter for an SD 1.x model on your own images (the paper's recipe)",
+        description="Train an IP-Adapter (image_proj + Wk'/Wv', everything else frozen) on a folder of images with "
+        "same-named .txt captions, or a .json/.jsonl list of {\"image_file\", \"text\"} records. Writes "
+        "OUT/ip-adapter.safetensors (the official layout), checkpoints, losses.jsonl and sample grids to OUT. "
+        "Runs under torchrun too (one process per GPU). minipa/README.md, 'Train your own adapter', has the details.")
+    ta.add_argument("--model", required=True, help="a diffusers SD 1.x folder or a single .safetensors/.ckpt file")
+    ta.add_argument("--data", required=True, help="a folder of images + .txt captions, or a .json/.jsonl list of records")
+    ta.add_argument("--out", required=True, metavar="DIR", help="the output folder")
+    ta.add_argument("--image-encoder", metavar="DIR", help="a CLIPVisionModelWithProjection folder (default: image_encoder/ "
+                    "beside --init-adapter, then in the model folder)")
+    ta.add_argument("--image-root", metavar="DIR", help="where a .json/.jsonl list's image_file paths start (default: its folder)")
+    ta.add_argument("--allow-empty-captions", action="store_true", help="train images without a caption with the empty one")
+    ta.add_argument("--plus", action="store_true", help="IP-Adapter Plus: a Resampler over the image encoder's patch features")
+    ta.add_argument("--tokens", type=int, help="image tokens (default 4; 16 with --plus)")
+    ta.add_argument("--init-adapter", metavar="FILE", help="start from this adapter file (fine-tune it) instead of Wk'/Wv' = Wk/Wv")
+    ta.add_argument("--resolution", type=int, default=512, help="training images are resized and centre-cropped to this (default 512)")
+    for flag, kind, default, what in (("--steps", int, 10_000, "optimizer steps"), ("--batch-size", int, 8, "the global batch, over all processes"),
+                                      ("--accumulation", int, 1, "micro-batches per step (less memory, the same step)"),
+                                      ("--lr", float, 1e-4, "AdamW's learning rate, constant"), ("--weight-decay", float, 0.01, "AdamW's"),
+                                      ("--image-drop", float, 0.05, "how often the image alone is dropped"),
+                                      ("--text-drop", float, 0.05, "how often the caption alone is dropped"),
+                                      ("--both-drop", float, 0.05, "how often both are dropped"),
+                                      ("--checkpoint-every", int, 1000, "steps between checkpoints and adapter files"),
+                                      ("--seed", int, 0, "the random seed of the data order, noise, timesteps and drops")):
+        ta.add_argument(flag, type=kind, default=default, help=f"{what} (default {default:g})")
+    ta.add_argument("--cache", action="store_true", help="encode every image and caption once and keep them (small datasets)")
+    ta.add_argument("--gradient-checkpointing", action="store_true", help="recompute the UNet blocks' activations in the backward pass")
+    ta.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    ta.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype and the frozen models' dtype (default fp32)")
+    ta.add_argument("--sample-every", type=int, metavar="N", help="write a sample grid every N steps")
+    ta.add_argument("--sample-image", action="append", default=[], metavar="IMG", help="an image prompt for the grid (default: the first 4 training images)")
+    ta.add_argument("--sample-prompt", action="append", default=None, metavar="TEXT", help="a text prompt for the grid (default: none)")
+    ta.add_argument("--sample-steps", type=int, default=30, help="DDIM steps of each sample (default 30)")
+    ta.add_argument("--save-bin", action="store_true", help="also write each adapter as the official nested .bin")
+    ta.add_argument("--resume", action="store_true", help="continue the run in --out, bit for bit")
+    ta.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ta.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+def train_adapter(args) -> int:
+    from minipa.train.adapter import AdapterSettings, train_adapter as run
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "debug", "no_progress", "sample_image", "sample_prompt")}
+    settings = AdapterSettings(**flags, progress=not args.no_progress, sample_images=tuple(args.sample_image),
+                               sample_prompts=tuple(args.sample_prompt or ("",)))
+    summary = run(settings)
+    if summary:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _add_course(commands) -> None:
     course = commands.add_parser("course", help="course assignments: hand out a copy with solutions cut out, grade it",
                                  description="See assignments/README.md in a student copy.")
@@ -293,8 +347,11 @@ def main(argv: list[str] | None = None) -> int:
             return train(args)
         if args.command == "eval":
             return evaluate(args)
+        if args.command == "train-adapter":
+            return train_adapter(args)
     except KeyboardInterrupt:
-        print("minipa: interrupted; nothing was written", file=sys.stderr)
+        training = args.command in ("train", "train-adapter")  # these keep their last checkpoint: --resume continues
+        print("minipa: interrupted" + ("" if training else "; nothing was written"), file=sys.stderr)
         return 130
     except Exception as err:  # one readable message, not a traceback, unless --debug
         if getattr(args, "debug", False):

@@ -88,13 +88,14 @@ def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
     return image.convert("RGB")
 
 
-def resize_shortest_edge(image: Image.Image, size: int = SIZE) -> Image.Image:
-    """Step 2: bicubic resize so that min(H, W) = size; the long edge is truncated to an integer."""
+def resize_shortest_edge(image: Image.Image, size: int = SIZE, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    """Step 2: resize (bicubic, unless `resample` says otherwise) so that min(H, W) = size; the long edge is
+    truncated to an integer."""
     w, h = image.size
     short, long = min(w, h), max(w, h)
     new_long = int(size * long / short)
     new_size = (size, new_long) if w <= h else (new_long, size)  # PIL sizes are (width, height)
-    return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+    return image.resize(new_size, resample=resample)
 
 
 def center_crop(pixels: np.ndarray, size: int = SIZE) -> np.ndarray:

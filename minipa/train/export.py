@@ -6,6 +6,7 @@
     tokenizer/                           vocab.json + merges.txt (+ the two small JSONs transformers reads)
     scheduler/scheduler_config.json      DDIMScheduler, SD 1.5's schedule
     ip-adapter.safetensors               the official flat layout: image_proj.* and ip_adapter.{1,3,…}.*
+                                         (or ip-adapter.bin, the official nested pickle; `minipa train-adapter --save-bin`)
     SHA256SUMS                           the manifest `minipa.weights.verify_manifest` checks on load
 
 Weights are stored in fp16 (the shipped model must stay small); the loaders cast them to the
@@ -40,7 +41,7 @@ def save_safetensors(module_or_state: nn.Module | Mapping[str, torch.Tensor], pa
     from safetensors.torch import save_file
 
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in state.items()}
+    state = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -127,9 +128,21 @@ def save_model_index(folder: Path, with_image_encoder: bool = True) -> None:
 
 
 def save_ip_adapter(adapter: nn.Module, path: Path, dtype=torch.float16) -> None:
-    """The official flat `.safetensors` layout: keys `image_proj.*` and `ip_adapter.{1,3,…}.to_{k,v}_ip.weight`."""
+    """The official layouts: `.safetensors` flat, keys `image_proj.*` and `ip_adapter.{1,3,…}.to_{k,v}_ip.weight`;
+    `.bin` (a pickle of tensors only, like ip-adapter_sd15.bin) nested, {"image_proj": {…}, "ip_adapter": {…}}."""
     state = adapter.state_dict()
-    save_safetensors({key: state[name] for name, key in keymap.ip_adapter_file_keys(state).items()}, path, dtype=dtype)
+    flat = {key: state[name] for name, key in keymap.ip_adapter_file_keys(state).items()}
+    path = Path(path)
+    if path.suffix != ".bin":
+        return save_safetensors(flat, path, dtype=dtype)
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in flat.items():
+        group, _, rest = key.partition(".")
+        nested[group][rest] = tensor.detach().to("cpu", dtype).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(nested, tmp)
+    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path) -> Path:

@@ -34,7 +34,7 @@ class IPAdapterTraining(UNetTraining):
                  image_drop: float = 0.05, text_drop: float = 0.05, both_drop: float = 0.05, variant: str = "decoupled"):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if data.image_embeds is None:
+        if isinstance(data, DiffusionData) and data.image_embeds is None:
             raise ValueError("IP-Adapter training needs DiffusionData.image_embeds")
         if image_drop + text_drop + both_drop > 1:
             raise ValueError(f"drop rates add up to more than 1: {image_drop} + {text_drop} + {both_drop}")
@@ -66,7 +66,7 @@ class IPAdapterTraining(UNetTraining):
         uncond = self.data.uncond_image_embeds
         keep = b["keep_image"].view(-1, *[1] * (embeds.ndim - 1))
         # a dropped image is what inference uses for "no image": a zero embedding, or the features of a zero image (Plus)
-        embeds = embeds * keep if uncond is None else torch.where(keep > 0, embeds, uncond)
+        embeds = embeds * keep if uncond is None else torch.where(keep > 0, embeds, uncond.to(embeds.device))
         tokens = self.adapter.image_tokens(embeds)  # (B, N, D)
         if self.variant == "decoupled":
             eps = self.unet(self.noisy_latents(b, mean, std), b["t"], text, image_tokens=tokens)

@@ -11,9 +11,10 @@
   mean of equal-sized slice means is the global mean, so W processes follow the single-process run;
   gradient accumulation splits a process's slice once more, into micro-batches, for the same reason.
 - Any device, any precision (`Compute`): the batch is drawn on the CPU (so a seed means the same data
-  everywhere), then moved to the device; bf16/fp16 run the forward pass under autocast, the trainable
-  parameters and the optimizer state stay float32, and fp16 scales the loss (`GradScaler`) so that small
-  gradients do not underflow. fp32 on the CPU is exactly the loop without any of this.
+  everywhere), then moved to the module's device (data tables stay in host memory: a stage moves the rows
+  it reads); bf16/fp16 run the forward pass under autocast, the trainable parameters and the optimizer state
+  stay float32, and fp16 scales the loss (`GradScaler`) so that small gradients do not underflow. fp32 on
+  the CPU is exactly the loop without any of this. The tiny world's stages train on the CPU.
 
 A stage gives `fit` a `TrainingModule`: an nn.Module whose frozen parts have requires_grad=False,
 whose `forward(batch)` returns the loss, and whose `batch(generator, size)` draws a global batch.
@@ -113,24 +114,6 @@ class TrainingModule(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def place(self, device: torch.device) -> "TrainingModule":
-        """Move the module and the data it holds as attributes (tensors, dicts and dataclasses of them) to `device`."""
-        self.to(device)
-        for name, value in list(vars(self).items()):
-            if not name.startswith("_"):
-                setattr(self, name, _moved(value, device))
-        return self
-
-
-def _moved(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _moved(v, device) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _moved(getattr(value, f.name), device) for f in dataclasses.fields(value) if f.init})
-    return value
-
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The only source of randomness at `step`: a pure function of (seed, step)."""
@@ -166,6 +149,19 @@ def local_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[s
         raise ValueError(f"the global batch ({size}) must divide evenly over {world} processes")
     share = size // world
     return {k: v[rank * share : (rank + 1) * share] for k, v in batch.items()}
+
+
+def split_rows(fn: Callable[[int, int], torch.Tensor], n: int, rank: int, world: int) -> torch.Tensor:
+    """fn(lo, hi) → rows lo…hi−1 of a table; each process computes its share, all_gather joins them."""
+    if world == 1:
+        return fn(0, n)
+    share = -(-n // world)
+    lo, hi = rank * share, min(n, (rank + 1) * share)
+    part = fn(lo, hi)
+    part = torch.cat([part, part.new_zeros(share - len(part), *part.shape[1:])])  # equal sizes for all_gather
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part)
+    return torch.cat(parts)[:n]
 
 
 # ─── checkpoints ─────────────────────────────────────────────────────────────────────────────────
@@ -221,7 +217,7 @@ class _Run:
 
 
 def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: str, resume: bool = False,
-        progress: bool = True, compute: Compute | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+        progress: bool = True, compute: Compute | None = None, on_step: Callable[[int, float], None] | None = None) -> dict:
     """Train the parameters of `module` that require grad; returns {"losses", "seconds", "ema"}.
 
     The EMA weights (or the raw weights, without EMA) are the result, in `result["ema"]`, and are
@@ -237,7 +233,7 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
                          f"{compute.accumulation} micro-batch(es)")
     device = process_device(compute.device)
     checkpoint = Path(checkpoint)
-    module.place(device)
+    module.to(device)
     run = _Run(make_optimizer(module, schedule), torch.amp.GradScaler(device.type, enabled=compute.precision == "fp16"),
                trainable_state(module))
     if resume and checkpoint.is_file():
@@ -256,7 +252,7 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
             if rank == 0 and (run.step % schedule.checkpoint_every == 0 or run.step == schedule.steps):
                 _save(module, run, checkpoint, schedule, name)
             if rank == 0 and on_step is not None:
-                on_step(run.step)
+                on_step(run.step, run.losses[-1])
     except KeyboardInterrupt:
         bar.close()
         if rank == 0:

@@ -56,9 +56,11 @@ class DiffusionData:
 
     def rows(self, index: torch.Tensor, caption: torch.Tensor):
         """The frozen models' outputs for a batch: the latent posterior (mean, std) of images `index`, the text
-        tokens of captions `caption` and the image features of images `index` (None without them)."""
-        embeds = None if self.image_embeds is None else self.image_embeds[index]
-        return self.latent_mean[index], self.latent_std[index], self.text[caption], embeds
+        tokens of captions `caption` and the image features of images `index` (None without them). The tables
+        stay in host memory; the rows go to the device of `index`."""
+        device, index, caption = index.device, index.cpu(), caption.cpu()
+        embeds = None if self.image_embeds is None else self.image_embeds[index].to(device)
+        return self.latent_mean[index].to(device), self.latent_std[index].to(device), self.text[caption].to(device), embeds
 
 
 class UNetTraining(TrainingModule):

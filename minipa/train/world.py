@@ -39,7 +39,7 @@ from minipa.train import export
 from minipa.train.classifier import ClassifierTraining, ShapeClassifier, classifier_accuracy
 from minipa.train.clip import CLIPTraining, ShapeTraining, retrieval_accuracy
 from minipa.train.ip_adapter import IPAdapterTraining
-from minipa.train.trainer import Compute, Schedule, distributed, fit
+from minipa.train.trainer import Schedule, distributed, fit, split_rows
 from minipa.train.unet import DiffusionData, UNetTraining
 from minipa.train.vae import VAETraining, encode_all, psnr
 from minipa.unet import UNetConfig
@@ -126,11 +126,10 @@ class WorldConfig:
 class World:
     """Runs the stages of one `WorldConfig` between a work folder and an output (weights) folder."""
 
-    def __init__(self, config: WorldConfig, out: str | Path, work: str | Path, *, resume: bool = False, progress: bool = True,
-                 compute: Compute | None = None):
+    def __init__(self, config: WorldConfig, out: str | Path, work: str | Path, *, resume: bool = False, progress: bool = True):
         self.config, self.out, self.work = config, Path(out), Path(work)
-        self.resume, self.progress, self.compute = resume, progress, compute or Compute()
-        self.rank, self.world_size = distributed(self.compute.device)
+        self.resume, self.progress = resume, progress
+        self.rank, self.world_size = distributed()
         self._train = None
 
     # ── shared data ─────────────────────────────────────────────────────────────────────────────
@@ -178,10 +177,7 @@ class World:
         if checkpoint.exists() and not self.resume:
             raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or delete {self.work} to start over")
         torch.manual_seed(self.config.seed)  # model initialisation is reproducible too
-        result = fit(module, self.seeded(schedule), checkpoint, name=stage, resume=self.resume, progress=self.progress,
-                     compute=self.compute)
-        module.place(torch.device("cpu"))  # what follows (metrics, export) runs on the CPU
-        return result
+        return fit(module, self.seeded(schedule), checkpoint, name=stage, resume=self.resume, progress=self.progress)
 
     def run(self, stages=STAGES) -> dict[str, dict]:
         records = {}
@@ -342,16 +338,7 @@ class World:
         return DiffusionData(**fields)
 
     def _split_rows(self, fn, n: int) -> torch.Tensor:
-        """fn(lo, hi) → rows lo…hi−1 of a table; each process computes its share, all_gather joins them."""
-        if self.world_size == 1:
-            return fn(0, n)
-        share = -(-n // self.world_size)
-        lo, hi = self.rank * share, min(n, (self.rank + 1) * share)
-        part = fn(lo, hi)
-        part = torch.cat([part, part.new_zeros(share - len(part), *part.shape[1:])])  # equal sizes for all_gather
-        parts = [torch.empty_like(part) for _ in range(self.world_size)]
-        dist.all_gather(parts, part)
-        return torch.cat(parts)[:n]
+        return split_rows(fn, n, self.rank, self.world_size)
 
     def stage_unet(self) -> dict:
         cfg = self.config
@@ -458,9 +445,9 @@ def _init_vae(config: VAEConfig):
     return AutoencoderKL(config)  # PyTorch's default initialisation of every layer
 
 
-def train_world(config: WorldConfig, out, work, *, stages=STAGES, resume=False, progress=True, compute: Compute | None = None) -> dict:
+def train_world(config: WorldConfig, out, work, *, stages=STAGES, resume=False, progress=True) -> dict:
     started = time.perf_counter()
-    world = World(config, out, work, resume=resume, progress=progress, compute=compute)
+    world = World(config, out, work, resume=resume, progress=progress)
     records = world.run(stages)
     if world.rank == 0:
         total = sum(r["seconds"] for r in records.values())
