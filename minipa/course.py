@@ -9,7 +9,16 @@ Where the learning is, the source marks a *region* with two comment lines,
 `make_student(out_dir)` copies the repository and replaces each region's lines with
 `raise NotImplementedError("Assignment <n>: …")` (signature, docstring and markers stay), then writes
 `assignments/README.md`, the course. `grade(dir)` runs each assignment's grading tests (tests that
-already exist, against diffusers/transformers) and prints a score table.
+already exist, against diffusers/transformers) and prints a score table with each failing assignment's
+first failure.
+
+Telling student work from the reference: make-student also writes `assignments/course.json`, the
+SHA-256 of every region's reference text. `grade` compares each region of the copy with it (a folder
+without that record, such as minipa's own repository, is compared with the regions of the minipa that
+runs the grader), and when no graded region is blank or differs from the reference it says so, since
+full marks there only prove that the reference passes. A fingerprint, not a comparison with minipa's
+own files, because a copy is often graded by its own minipa (`pip install -e .` inside it), whose
+regions are the copy's.
 
 How tests are split (see also the README written into the student copy):
 - a test that runs the code of exactly one region grades that assignment (`Assignment.tests`);
@@ -23,6 +32,8 @@ any that has not.
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json as _json
 import os
 import re
@@ -389,6 +400,11 @@ def is_blank(text: str, n: int) -> bool:
     return "raise NotImplementedError(" in body and f'"Assignment {n}: ' in body
 
 
+def fingerprint(body: list[str]) -> str:
+    """SHA-256 of a region's lines, trailing spaces and blank edges aside: is this the reference solution?"""
+    return hashlib.sha256("\n".join(line.rstrip() for line in body).strip("\n").encode()).hexdigest()
+
+
 def blank_assignments(root: str | Path) -> list[int]:
     """The assignments whose region in the tree at `root` still raises the stub."""
     root = Path(root)
@@ -418,6 +434,7 @@ def _matches(nodeid: str, pattern: str) -> bool:
 # ─── The student copy ────────────────────────────────────────────────────────────────────────────
 
 _NOT_COPIED = {".git", ".venv", "__pycache__", ".pytest_cache", ".ipynb_checkpoints", "out"}
+COPY_RECORD = "assignments/course.json"  # written by make-student: what was cut, and each reference solution's fingerprint
 STAFF_ONLY = ("tests/test_course.py", "tests/course_mistakes.py")  # tests of this machinery, which expect the solutions: not handed out
 
 STUDENT_CONFTEST = '''"""Written by `minipa course make-student`: skips the end-to-end tests while an assignment is blank."""
@@ -464,6 +481,111 @@ def _chosen(only: list[int] | None) -> list[Assignment]:
     return chosen
 
 
+# ─── Notebook cells that solve an assignment ─────────────────────────────────────────────────────
+# A notebook rebuilds each piece by hand, so some of its code cells are an assignment's solution in other
+# words. Such a cell names what it solves in its metadata, `"minipa": {"solves": ["DDIMScheduler.step"]}`
+# (an `Assignment.where`), and the student copy replaces it by a note and an empty cell.
+
+NOTEBOOK_STORE_COMMAND = ".venv/bin/python notebooks/nbutil.py --store"  # re-executes notebooks, stores their outputs
+
+
+def cell_source(cell: dict) -> str:
+    """A notebook cell's text (a notebook file stores it as one string or as a list of lines)."""
+    return cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+
+
+def notebook_code_hash(notebook: dict) -> str:
+    """SHA-256 of a notebook's code cells, in order: what its stored outputs were made from (its metadata
+    `minipa.code_sha256`, written by the command above and checked by tests/test_notebooks.py)."""
+    code = [cell_source(c) for c in notebook["cells"] if c["cell_type"] == "code"]
+    return hashlib.sha256(_json.dumps(code, ensure_ascii=False).encode()).hexdigest()
+
+
+def solution_cells(notebook: dict, source: str = "<notebook>") -> dict[int, list[Assignment]]:
+    """{cell index: the assignments it solves}, from each cell's `minipa.solves` metadata."""
+    by_where = {a.where: a for a in ASSIGNMENTS}
+    found = {}
+    for i, cell in enumerate(notebook["cells"]):
+        solves = cell.get("metadata", {}).get("minipa", {}).get("solves", [])
+        unknown = [w for w in solves if w not in by_where]
+        if unknown:
+            raise CourseError(f"{source}: cell {i} solves {unknown}, which no assignment's `where` names (minipa/course.py ASSIGNMENTS)")
+        if solves:
+            found[i] = [by_where[w] for w in solves]
+    return found
+
+
+def blank_solution_cells(notebook: dict, chosen: list[Assignment], source: str = "<notebook>") -> dict:
+    """`notebook` with every cell that solves one of `chosen` replaced by a markdown note and an empty code
+    cell (its outputs, and its metadata `minipa.blanked`, say which assignment it was)."""
+    numbers = {a.number for a in chosen}
+    solving = solution_cells(notebook, source)
+    cells = []
+    for i, cell in enumerate(notebook["cells"]):
+        cut = [a for a in solving.get(i, []) if a.number in numbers]
+        if not cut:
+            cells.append(cell)
+            continue
+        names = " and ".join(f"assignment {a.number} (`{a.file}`: `{a.where}`)" for a in cut)
+        later = _used_later(notebook["cells"], i)
+        note = (f"**This cell is your {names}.** In minipa's repository it rebuilds that piece by hand, so the student "
+                "copy leaves it to you: write it once the region passes its tests."
+                + (f" The cells below use {', '.join(f'`{n}`' for n in later)}, which it defined." if later else "")
+                + " The notebook runs top to bottom again once this cell is written.")
+        identity = cell.get("id", f"cell-{i}")
+        cells.append({"cell_type": "markdown", "id": f"{identity}-note", "metadata": {}, "source": note})
+        cells.append({"cell_type": "code", "id": identity, "execution_count": None, "outputs": [],
+                      "metadata": {"minipa": {"blanked": [a.number for a in cut]}}, "source": blank_cell_source([a.number for a in cut])})
+    return {**notebook, "cells": cells}
+
+
+def _used_later(cells: list[dict], i: int) -> list[str]:
+    """The names code cell i binds that a later code cell reads without binding them itself first."""
+    try:
+        tree = ast.parse(cell_source(cells[i]))
+        later = [ast.parse(cell_source(c)) for c in cells[i + 1 :] if c["cell_type"] == "code"]
+    except SyntaxError:  # e.g. IPython magics: no list, the note still stands
+        return []
+    needed, rebound = set(), set()
+    for cell in later:
+        read = {n.id for n in ast.walk(cell) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        needed |= read - _bound(cell) - _bound(cell, scopes=True) - rebound
+        rebound |= _bound(cell)
+    return [name for name in dict.fromkeys(_bound(tree, ordered=True)) if name in needed]
+
+
+def _bound(tree: ast.AST, scopes: bool = False, ordered: bool = False):
+    """Names a cell binds at its top level (functions and classes by name, not their insides); with `scopes`,
+    those bound inside its functions, lambdas and comprehensions instead."""
+    inner = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+    names, stack = [], [(node, False) for node in ast.iter_child_nodes(tree)]
+    while stack:
+        node, inside = stack.pop(0)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not inside:
+            names.append(node.name)
+        if isinstance(node, ast.arg) and inside and scopes:
+            names.append(node.arg)
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and inside == scopes:
+            names.append(node.id)
+        stack.extend((child, inside or isinstance(node, inner)) for child in ast.iter_child_nodes(node))
+    return names if ordered else set(names)
+
+
+def blank_cell_source(numbers: list[int]) -> str:
+    """What a blanked cell holds until the student writes it."""
+    return f"# Assignment {', '.join(map(str, numbers))}: your code here (see the note above)\n"
+
+
+def blanked_cells(notebook: dict) -> dict[int, list[int]]:
+    """{cell index: assignment numbers} of the cells a student copy blanked and nobody has written yet."""
+    found = {}
+    for i, cell in enumerate(notebook["cells"]):
+        numbers = cell.get("metadata", {}).get("minipa", {}).get("blanked")
+        if numbers and cell_source(cell) == blank_cell_source(numbers):
+            found[i] = numbers
+    return found
+
+
 def make_student(out_dir: str | Path, root: str | Path = ROOT, only: list[int] | None = None, challenge: bool = False) -> Path:
     """Write a student copy of the repository at `root` into `out_dir` (new or empty); returns it.
 
@@ -477,6 +599,12 @@ def make_student(out_dir: str | Path, root: str | Path = ROOT, only: list[int] |
         raise CourseError(f"{out_dir}: exists and is not an empty folder; make-student writes a fresh copy")
     check_regions(root)
     files = [f for f in repository_files(root) if f not in STAFF_ONLY and not (root / f).resolve().is_relative_to(out)]
+    notebooks = {}  # the notebooks with cells to blank, found (and their metadata checked) before anything is written
+    for name in (f for f in files if f.startswith("notebooks/") and f.endswith(".ipynb")):
+        notebook = _json.loads((root / name).read_text(encoding="utf-8"))
+        if (blanked := blank_solution_cells(notebook, chosen, name)) != notebook:
+            notebooks[name] = blanked
+    reference = {a.number: fingerprint(region_body((root / a.file).read_text(encoding="utf-8"), a.number)) for a in ASSIGNMENTS}
     for name in files:
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, out / name)
@@ -484,10 +612,14 @@ def make_student(out_dir: str | Path, root: str | Path = ROOT, only: list[int] |
         path = out / a.file
         text = path.read_text(encoding="utf-8")
         path.write_text(replace_region(text, a.number, stub(a, find_regions(text)[a.number][2], challenge)), encoding="utf-8")
+    for name, notebook in notebooks.items():  # written as nbformat writes a notebook
+        (out / name).write_text(_json.dumps(notebook, sort_keys=True, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     conftest = out / "conftest.py"
     conftest.write_text((conftest.read_text(encoding="utf-8") + "\n" if conftest.exists() else "") + STUDENT_CONFTEST)
     (out / "assignments").mkdir(exist_ok=True)
     (out / "assignments" / "README.md").write_text(course_readme(chosen, challenge), encoding="utf-8")
+    record = {"made_by": "minipa course make-student", "cut": [a.number for a in chosen], "reference_sha256": reference}
+    (out / COPY_RECORD).write_text(_json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return out
 
 
@@ -563,14 +695,61 @@ def score(chosen: list[Assignment], results: dict[str, tuple[str, str]]) -> list
     return rows
 
 
+def check_copy(directory: str | Path) -> Path:
+    """`directory`, resolved, if grading can use it; else a CourseError of one line: not a minipa copy, an
+    assignment's region gone, or code in minipa/ that does not parse (named by file, line and region)."""
+    directory = Path(directory).resolve()
+    if not directory.is_dir():
+        raise CourseError(f"{directory}: no such folder")
+    if not (directory / "minipa" / "__init__.py").is_file() or not (directory / "tests").is_dir():
+        raise CourseError(f"{directory} is not a minipa copy (it has no minipa/__init__.py and tests/); "
+                          "grade the folder that `minipa course make-student DIR` wrote")
+    for a in ASSIGNMENTS:
+        path = directory / a.file
+        if not path.is_file() or a.number not in find_regions(path.read_text(encoding="utf-8"), str(path)):
+            raise CourseError(f"{path}: no region for assignment {a.number} (its # BEGIN/END ASSIGNMENT {a.number} lines are gone)")
+    for path in sorted((directory / "minipa").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        try:
+            compile(text, str(path), "exec")
+        except SyntaxError as err:
+            line = err.lineno or 0
+            inside = [n for n, (begin, end, _) in find_regions(text, str(path)).items() if begin < line <= end + 1]
+            where = f"assignment {inside[0]}'s region" if inside else "this line (outside the assignment regions)"
+            raise CourseError(f"{path}:{line}: {where} does not parse: {err.msg}; fix it, then grade again") from None
+    return directory
+
+
+def reference_note(directory: Path, chosen: list[Assignment]) -> str | None:
+    """The line `grade` prints when no graded region is blank or differs from the reference solution."""
+    record = directory / COPY_RECORD
+    if record.is_file():  # a student copy: the fingerprints make-student recorded
+        reference = {int(n): h for n, h in _json.loads(record.read_text(encoding="utf-8"))["reference_sha256"].items()}
+    else:  # e.g. minipa's own repository: the regions of the minipa running this
+        reference = {a.number: fingerprint(region_body((ROOT / a.file).read_text(encoding="utf-8"), a.number)) for a in chosen}
+    for a in chosen:
+        if fingerprint(region_body((directory / a.file).read_text(encoding="utf-8"), a.number)) != reference.get(a.number):
+            return None
+    regions = "every assignment region" if len(chosen) == len(ASSIGNMENTS) else \
+        f"the region of assignment{'s' * (len(chosen) > 1)} {', '.join(str(a.number) for a in chosen)}"
+    return (f"no student work here: {regions} in {directory} holds the reference solution — "
+            "make a copy with `minipa course make-student DIR`")
+
+
 def grade(directory: str | Path = ".", json: bool = False, only: list[int] | None = None, out=None) -> dict:
-    """Run the grading tests of every assignment (or those in `only`) in `directory`; print a table or JSON."""
+    """Run the grading tests of every assignment (or those in `only`) in `directory`; print a table or JSON.
+
+    The table is preceded by the folder graded and, where it holds only reference solutions, a line saying so."""
     out = out or sys.stdout
     chosen = _chosen(only)
+    directory = check_copy(directory)
+    note = reference_note(directory, chosen)
+    if not json:
+        print(f"grading {directory}", *[note] if note else [], sep="\n", file=out, flush=True)
     nodeids = list(dict.fromkeys(t for a in chosen for t in a.tests))
     rows = score(chosen, run_tests(directory, nodeids))
     summary = {
-        "directory": str(Path(directory).resolve()), "assignments": rows,
+        "directory": str(directory), "note": note, "assignments": rows,
         "points": round(sum(r["points"] for r in rows), 1), "max_points": sum(r["max_points"] for r in rows),
     }
     if json:
@@ -586,10 +765,22 @@ def score_table(summary: dict) -> str:
     for r in summary["assignments"]:
         tests, points = f"{r['passed']}/{r['total']}", f"{r['points']:g}/{r['max_points']}"
         lines.append(f"{r['number']:>2}  {r['title']:<{width}}  {tests:>7}  {points:>11}")
+        if r["passed"] < r["total"]:
+            lines.append(f"      ↳ {first_failure(r)}")
     passed, total = (sum(r[k] for r in summary["assignments"]) for k in ("passed", "total"))
     points = f"{summary['points']:g}/{summary['max_points']}"
     lines.append(f"{'':>2}  {'total':<{width}}  {f'{passed}/{total}':>7}  {points:>11}")
     return "\n".join(lines)
+
+
+def first_failure(row: dict, width: int = 110) -> str:
+    """An assignment's first test that did not pass and why, in one line of at most `width` characters."""
+    test = next(t for t in row["tests"] if t["outcome"] != "passed")
+    message = " ".join(test["message"].split()) or test["outcome"]
+    if message.startswith(f"NotImplementedError: Assignment {row['number']}: "):
+        message = "not started (the region still raises its NotImplementedError)"
+    line = f"{test['id'].split('::')[-1]}: {message}"
+    return line if len(line) <= width else line[: width - 1].rstrip() + "…"
 
 
 # ─── The course README (assignments/README.md in the student copy) ──────────────────────────────
@@ -608,7 +799,7 @@ that grade you already exist: they compare your code with `diffusers` / `transfo
 2. Read its section here and the docstring above the region, then write the body between the markers.
 3. Run its tests until they pass, one failing test at a time:
    `python -m pytest -x <its tests>` (each section below has the command).
-4. See where you stand: `minipa course grade` (or `python -m minipa course grade`, `--json` for tools).
+4. See where you stand: `python -m minipa course grade` (below: where and with what; `--json` for tools).
 
 Which tests count: a test that runs exactly one assignment's code grades that assignment. The
 end-to-end tests (the whole pipeline against diffusers) run all of them together; they grade
@@ -617,6 +808,24 @@ saying which. Every other test in `tests/` runs none of your code and passes fro
 `python -m pytest -q` shows only your assignments failing. When every region is filled in, the
 end-to-end tests run again and check that the pieces fit: the pipeline then makes the same images as
 diffusers.
+
+## Running the grader
+
+- **Where**: in this copy's top folder, the one holding `assignments/`, `minipa/` and `tests/`.
+  `python -m minipa course grade` grades the current folder and prints its path first, so check that it
+  is your copy; from anywhere else, name it: `python -m minipa course grade path/to/copy`. Each failing
+  assignment's row is followed by its first failing test and why.
+- **With what**: a Python environment with minipa's test dependencies (PyTorch, pytest, and diffusers
+  and transformers, the references the tests compare with). Make one for this copy,
+  `python -m venv .venv && .venv/bin/pip install -e '.[test]'`, then run `.venv/bin/python -m minipa course grade`;
+  or use the environment of minipa's own repository: `path/to/minipa/.venv/bin/python -m minipa course grade`.
+- **Which code**: this copy's own. The grader runs pytest inside the copy with the copy first on the
+  import path, so the tests import *this* folder's `minipa/`, whichever minipa the grader came from
+  (`python -c "import minipa; print(minipa.__file__)"`, run here, prints a path inside this copy).
+- `assignments/course.json` records which assignments this copy cut and a fingerprint of each reference
+  solution, so that grading a folder that holds only reference solutions says so.
+- Notebook cells that rebuild an assignment by hand are blanked in this copy (a note above each says which);
+  the notebook test skips a notebook until you have written its blanked cells.
 
 ## The course
 

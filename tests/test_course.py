@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from minipa import course
@@ -74,6 +75,99 @@ def test_badly_marked_regions_are_clear_errors(tmp_path):
         course.make_student(tmp_path / "new", only=[42])
 
 
+# ─── The grader's face and bad input (no pytest run: fast) ──────────────────────────────────────
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def minimal_copy(folder: Path) -> Path:
+    """The least that grading accepts as a minipa copy: minipa/'s Python files and a tests/ folder."""
+    for path in (ROOT / "minipa").rglob("*.py"):
+        (folder / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path.relative_to(ROOT)).write_bytes(path.read_bytes())
+    (folder / "tests").mkdir()
+    return folder
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured
+    return captured.err.removeprefix("minipa: error: ").rstrip("\n")
+
+
+def test_grade_refuses_a_folder_that_is_not_a_minipa_copy_in_one_line(tmp_path, capsys):
+    assert cli(["course", "grade", str(tmp_path)]) == 1
+    assert one_error_line(capsys).startswith(f"{tmp_path} is not a minipa copy")
+    assert cli(["course", "grade", str(tmp_path / "missing"), "--json"]) == 1
+    assert one_error_line(capsys) == f"{tmp_path / 'missing'}: no such folder"
+    assert not any(tmp_path.iterdir())
+
+
+def test_make_student_into_a_non_empty_folder_is_one_line_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli(["course", "make-student", str(tmp_path)]) == 1
+    assert "not an empty folder" in one_error_line(capsys)
+    assert files_in(tmp_path) == {"notes.txt": b"mine"}
+
+
+def test_code_that_does_not_parse_is_named_by_file_line_and_assignment(tmp_path, capsys):
+    copy = minimal_copy(tmp_path)
+    a = ASSIGNMENTS[2]
+    path = copy / a.file
+    text = path.read_text(encoding="utf-8")
+    begin, _, indent = find_regions(text)[a.number]
+    lines = text.splitlines(keepends=True)
+    path.write_text("".join(lines[: begin + 1] + [f"{indent}x_prev = (√ᾱ_prev * x0\n"] + lines[begin + 1 :]), encoding="utf-8")
+    before = files_in(copy)
+    assert cli(["course", "grade", str(copy)]) == 1
+    message = one_error_line(capsys)
+    assert message.startswith(f"{path}:{begin + 2}: assignment {a.number}'s region does not parse: "), message
+    path.write_text(text + "def broken(:\n", encoding="utf-8")  # outside every region
+    assert cli(["course", "grade", str(copy)]) == 1
+    assert one_error_line(capsys).startswith(f"{path}:{len(lines) + 1}: this line (outside the assignment regions) does not parse")
+    unmarked = text.replace(f"# BEGIN ASSIGNMENT {a.number}\n", "\n").replace(f"# END ASSIGNMENT {a.number}\n", "\n")
+    path.write_text(unmarked, encoding="utf-8")
+    assert cli(["course", "grade", str(copy)]) == 1
+    assert one_error_line(capsys) == f"{path}: no region for assignment {a.number} (its # BEGIN/END ASSIGNMENT {a.number} lines are gone)"
+    assert set(files_in(copy)) == set(before)  # nothing written (no report, no __pycache__)
+
+
+def fake_results(monkeypatch, failures: dict[str, tuple[str, str]]) -> None:
+    """Grade without running pytest: every test passes but those in `failures` ({node id: (outcome, message)})."""
+    monkeypatch.setattr(course, "run_tests", lambda directory, nodeids: {n: failures.get(n, ("passed", "")) for n in nodeids})
+
+
+def test_grading_the_reference_prints_the_folder_and_says_there_is_no_student_work(monkeypatch, capsys):
+    fake_results(monkeypatch, {})
+    monkeypatch.chdir(ROOT)
+    assert cli(["course", "grade"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"grading {ROOT}"
+    assert lines[1] == (f"no student work here: every assignment region in {ROOT} holds the reference solution — "
+                        "make a copy with `minipa course make-student DIR`")
+    assert cli(["course", "grade", "--json", "-a", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["note"].startswith(f"no student work here: the region of assignment 4 in {ROOT}")
+
+
+def test_the_table_shows_each_failing_assignments_first_failure_in_one_line(monkeypatch, capsys):
+    first, third = ASSIGNMENTS[0], ASSIGNMENTS[2]
+    long = "AssertionError: " + "the direction term is wrong " * 10 + "\nsecond line"
+    fake_results(monkeypatch, {first.tests[0]: ("failed", STUB.format(first.number) + " return x_t = …"),
+                               third.tests[1]: ("failed", long)})
+    course.grade(ROOT, only=[first.number, third.number, 4])
+    table = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(table) if first.title in line)
+    assert table[row + 1] == f"      ↳ {first.tests[0].split('::')[-1]}: not started (the region still raises its NotImplementedError)"
+    row = next(i for i, line in enumerate(table) if third.title in line)
+    failure = table[row + 1].removeprefix("      ↳ ")
+    assert failure.startswith(f"{third.tests[1].split('::')[-1]}: AssertionError: the direction term is wrong")
+    assert len(failure) == 110 and failure.endswith("…") and "second line" not in failure
+    row = next(i for i, line in enumerate(table) if ASSIGNMENTS[3].title in line)
+    assert "↳" not in table[row + 1]  # a passing assignment has no failure line
+
+
 # ─── The student copy ────────────────────────────────────────────────────────────────────────────
 
 
@@ -106,6 +200,9 @@ def test_assignments_readme_reads_as_a_course(student):
             assert words in section, (a.number, words)
         assert ("prerequisites: none" in section) == (not a.prerequisites)
     assert "How to work" in text and "skipped" in text and "| # | assignment | where | prerequisites | time | points |" in text
+    grader = text[text.index("## Running the grader") : text.index("## The course")]  # where, with what, which code
+    for words in ("in this copy's top folder", "prints its path first", "pip install -e '.[test]'", "import *this* folder's `minipa/`"):
+        assert words in grader, words
 
 
 def test_full_tree_scores_full_marks(capsys):
@@ -133,16 +230,62 @@ def test_whole_suite_in_the_student_copy(student):
         elif any(course._matches(nodeid, p) for p in NEEDS_EVERY_ASSIGNMENT):
             assert outcome == "skipped" and "needs every assignment; still blank: 1, 2, 3" in message, (nodeid, message)
         else:  # a test that runs a region but is in neither list fails here: add it to the table
-            assert outcome == "passed" or (outcome == "skipped" and "MINIPA_WEIGHTS" in message), (nodeid, outcome, message)
+            assert outcome == "passed" or (outcome == "skipped" and ("MINIPA_WEIGHTS" in message or "a student copy's notebook" in message)), \
+                (nodeid, outcome, message)
     for pattern in [t for a in ASSIGNMENTS for t in a.tests] + list(NEEDS_EVERY_ASSIGNMENT):
         if (student / pattern.split("::")[0]).is_file():  # a renamed test would silently drop out of the lists
             assert any(course._matches(n, pattern) for n in results), f"no test {pattern}"
 
 
+def test_student_notebooks_leave_the_cells_that_solve_an_assignment_to_the_student(student):
+    solved = set()
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        original = json.loads(path.read_text(encoding="utf-8"))
+        copy = json.loads((student / "notebooks" / path.name).read_text(encoding="utf-8"))
+        nbformat.validate(nbformat.from_dict(copy))
+        solving = course.solution_cells(original, path.name)
+        handed_out = {course.cell_source(c) for c in copy["cells"] if c["cell_type"] == "code"}
+        for i, assignments in solving.items():
+            solved |= {a.number for a in assignments}
+            assert course.cell_source(original["cells"][i]) not in handed_out, (path.name, i)
+        blank = course.blanked_cells(copy)
+        assert list(blank.values()) == [[a.number for a in cut] for cut in solving.values()], path.name
+        for i, numbers in blank.items():
+            assert copy["cells"][i]["outputs"] == [], (path.name, i)
+            assert course.cell_source(copy["cells"][i - 1]).startswith(f"**This cell is your assignment {numbers[0]} ("), (path.name, i)
+        if not solving:
+            assert copy == original, path.name
+    assert len(solved) >= 9, solved  # every assignment a notebook rebuilds by hand
+    with pytest.raises(CourseError, match=r"x.ipynb: cell 0 solves \['nothing'\], which no assignment"):
+        course.solution_cells({"cells": [{"cell_type": "code", "metadata": {"minipa": {"solves": ["nothing"]}}, "source": ""}]}, "x.ipynb")
+
+
+def test_a_copy_tells_student_work_from_the_reference_even_when_graded_by_its_own_minipa(student, monkeypatch):
+    originals = {a.file: (student / a.file).read_text(encoding="utf-8") for a in ASSIGNMENTS}
+    monkeypatch.setattr(course, "ROOT", student)  # as `python -m minipa course grade` run inside the copy
+    try:
+        assert course.reference_note(student, list(ASSIGNMENTS)) is None  # blank regions
+        for a in ASSIGNMENTS:
+            put_back(student, a)
+        assert course.reference_note(student, list(ASSIGNMENTS)) == (
+            f"no student work here: every assignment region in {student} holds the reference solution — "
+            "make a copy with `minipa course make-student DIR`")
+        a = ASSIGNMENTS[3]
+        path = student / a.file
+        text = path.read_text(encoding="utf-8")
+        mine = region_body(text, a.number)
+        path.write_text(replace_region(text, a.number, [mine[0].replace(mine[0].lstrip(), "# my own words"), *mine]), encoding="utf-8")
+        assert course.reference_note(student, list(ASSIGNMENTS)) is None
+        assert course.reference_note(student, [ASSIGNMENTS[0]]).startswith("no student work here: the region of assignment 1 in")
+    finally:
+        for file, text in originals.items():
+            (student / file).write_text(text, encoding="utf-8")
+
+
 def test_cli_grades_the_student_copy_and_each_assignment_alone(student, capsys):
     assert cli(["course", "grade", str(student), "--json"]) == 1
     summary = json.loads(capsys.readouterr().out)
-    assert summary["points"] == 0 and summary["max_points"] == 100
+    assert summary["points"] == 0 and summary["max_points"] == 100 and summary["note"] is None
     for row in summary["assignments"]:
         assert row["passed"] == 0 and all(t["message"].startswith(STUB.format(row["number"])) for t in row["tests"])
     a = ASSIGNMENTS[3]  # cfg: the quickest to grade
@@ -150,6 +293,7 @@ def test_cli_grades_the_student_copy_and_each_assignment_alone(student, capsys):
     try:
         assert cli(["course", "grade", str(student), "--assignment", str(a.number)]) == 0
         table = capsys.readouterr().out
+        assert table.startswith(f"grading {student}\n")
         assert a.title in table and f"{a.points}/{a.points}" in table and ASSIGNMENTS[0].title not in table
     finally:
         (student / a.file).write_text(stubbed, encoding="utf-8")
