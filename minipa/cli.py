@@ -294,6 +294,13 @@ def generate(args) -> int:
     if not args.overwrite and (out.exists() or sidecar.exists()):
         raise FileExistsError(f"{out if out.exists() else sidecar} already exists; pass --overwrite to replace it")
 
+    if args.model is None:  # the tiny model knows a few dozen words: say which ones a prompt goes beyond
+        from minipa.data.shapes import unknown_words, vocabulary_line
+
+        unknown = unknown_words(f"{args.prompt} {args.negative_prompt}")
+        if unknown:
+            print(f"minipa: warning: the tiny model does not know {', '.join(map(repr, unknown))}; it knows {vocabulary_line()}",
+                  file=sys.stderr)
     started = time.perf_counter()
     pipe = load_pipeline(args.model, ip_adapter=args.ip_adapter, image_encoder=args.image_encoder,
                          device=args.device, dtype=args.dtype, compile=args.compile)

@@ -90,3 +90,14 @@ def test_cli_generate_uses_the_tiny_model(tmp_path):
     subprocess.run([sys.executable, "-m", "minipa", "generate", "--prompt", "a large yellow star on a purple background",
                     "--steps", "25", "--guidance", "5", "--out", str(out), "--no-progress"], check=True, cwd=ROOT)
     assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["model"].startswith("tiny")
+
+
+def test_cli_says_which_words_the_tiny_model_does_not_know(tmp_path, capsys):
+    from minipa.cli import main as cli
+
+    run = ["generate", "--steps", "1", "--no-progress", "--out", str(tmp_path / "x.png"), "--overwrite"]
+    assert cli([*run, "--prompt", "a small dog on the beach", "--negative-prompt", "blurry"]) == 0
+    err = capsys.readouterr().err
+    assert "does not know 'dog', 'the', 'beach', 'blurry'; it knows shapes circle, square" in err
+    assert cli([*run, "--prompt", "A Red circle, on a blue background"]) == 0  # case and punctuation do not matter
+    assert "warning" not in capsys.readouterr().err

@@ -22,6 +22,7 @@ every seed, so `ShapesDataset("heldout", n, seed=s)` is held out from a world tr
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -237,6 +238,18 @@ def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
 def caption_words() -> list[str]:
     words = {"a", "on", "background", *SHAPES, *COLOURS, *SIZES}
     return sorted(words)
+
+
+def unknown_words(text: str) -> list[str]:
+    """The words of `text` the tiny world never says (each once, in order): the tiny model reads them as noise."""
+    known = set(caption_words())
+    return list(dict.fromkeys(w for w in re.findall(r"[a-z]+", text.lower()) if w not in known))
+
+
+def vocabulary_line() -> str:
+    """What the tiny world's captions are made of, in one line."""
+    return (f"shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; sizes {', '.join(SIZES)}; "
+            f"and 'background', 'a', 'on' (e.g. \"a large red circle on a blue background\")")
 
 
 def tiny_tokenizer(context_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
