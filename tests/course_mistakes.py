@@ -33,325 +33,111 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Mistake:
+    """A wrong solution: the reference region with `edits` ((old, new) text replacements, each old found exactly
+    once: a slip of one or two lines, so the catalogue follows the reference as it changes), or a whole `body`."""
+
     assignment: int
     name: str  # the misconception, in a learner's words
     words: str  # what the first failing message must contain: the words that name the mistake
-    body: str  # the region as the learner wrote it (the region's indentation is added)
+    edits: tuple[tuple[str, str], ...] = ()
+    body: str = ""  # the region as the learner wrote it (the region's indentation is added)
+
+    def code(self) -> str:
+        if self.body:
+            return self.body
+        code = reference_body(self.assignment)
+        for old, new in self.edits:
+            if code.count(old) != 1:
+                raise ValueError(f"mistake {self.name!r}: {old!r} is in the reference region of assignment "
+                                 f"{self.assignment} {code.count(old)} times, not once; update the catalogue")
+            code = code.replace(old, new)
+        return code
 
 
+M = Mistake
 MISTAKES = (
     # 1. add_noise: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε
-    Mistake(1, "ᾱ_t and 1−ᾱ_t without square roots", "the square root is missing", """
-        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)].reshape(-1, 1, 1, 1)
-        return abar * x0 + (1 - abar) * noise
-    """),
-    Mistake(1, "x0 and ε swapped", "x0 and ε are swapped", """
-        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)].reshape(-1, 1, 1, 1)
-        return (1 - abar) ** 0.5 * x0 + abar**0.5 * noise
-    """),
-    Mistake(1, "1 − √ᾱ_t as the noise's coefficient", "1 − √ᾱ_t, not √(1−ᾱ_t)", """
-        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)].reshape(-1, 1, 1, 1)
-        return abar**0.5 * x0 + (1 - abar**0.5) * noise
-    """),
-    Mistake(1, "ᾱ_t not reshaped to (B, 1, 1, 1)", "each sample needs its own ᾱ_t", """
-        abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)[t.to(x0.device)]
-        return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
-    """),
-    # 2. the loss: mean of (ε − ε_θ)² in float32
-    Mistake(2, "the sum instead of the mean", "the sum over every element", """
-        return ((target.float() - prediction.float()) ** 2).sum()
-    """),
-    Mistake(2, "the absolute error (L1)", "the mean absolute error", """
-        return (target.float() - prediction.float()).abs().mean()
-    """),
-    Mistake(2, "not in float32", "compute the loss in float32", """
-        return ((target - prediction) ** 2).mean()
-    """),
-    Mistake(2, "a Python number (.item())", "no .item()", """
-        return ((target.float() - prediction.float()) ** 2).mean().item()
-    """),
+    M(1, "ᾱ_t and 1−ᾱ_t without square roots", "the square root is missing",
+      edits=(("abar**0.5 * x0 + (1 - abar) ** 0.5 * noise", "abar * x0 + (1 - abar) * noise"),)),
+    M(1, "x0 and ε swapped", "x0 and ε are swapped",
+      edits=(("abar**0.5 * x0 + (1 - abar) ** 0.5 * noise", "(1 - abar) ** 0.5 * x0 + abar**0.5 * noise"),)),
+    M(1, "1 − √ᾱ_t as the noise's coefficient", "1 − √ᾱ_t, not √(1−ᾱ_t)",
+      edits=(("(1 - abar) ** 0.5 * noise", "(1 - abar**0.5) * noise"),)),
+    M(1, "ᾱ_t not reshaped to (B, 1, 1, 1)", "each sample needs its own ᾱ_t",
+      edits=(("abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))", "abar = abar"),)),
+    # 2. the loss: the mean of (ε − ε_θ)², in float32
+    M(2, "the sum instead of the mean", "the sum over every element", edits=((".mean()", ".sum()"),)),
+    M(2, "the absolute error (L1)", "the mean absolute error", edits=((") ** 2).mean()", ").abs()).mean()"),)),
+    M(2, "not in float32", "compute the loss in float32", edits=(("target.float() - prediction.float()", "target - prediction"),)),
+    M(2, "a Python number (.item())", "no .item()", edits=((".mean()", ".mean().item()"),)),
     # 3. the DDIM step (DDIM eq. 12 and 16)
-    Mistake(3, "σ² missing in the direction term", "σ² is missing", """
-        prev_t = self._prev_timestep(t)
-        abar_t = self.alphas_cumprod[t]
-        final = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
-        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
-        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
-        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
-        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev) ** 0.5 * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * _noise_like(model_output, generator)
-        return StepOutput(x_prev, x0)
-    """),
-    Mistake(3, "α_t (one step) for ᾱ_t", "not the cumulative product", """
-        prev_t = self._prev_timestep(t)
-        abar_t = self.alphas[t]
-        abar_prev = self.alphas[prev_t] if prev_t >= 0 else torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas[0]
-        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
-        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
-        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * _noise_like(model_output, generator)
-        return StepOutput(x_prev, x0)
-    """),
-    Mistake(3, "t − 1 as the previous timestep", "one training step back", """
-        prev_t = t - 1
-        abar_t = self.alphas_cumprod[t]
-        final = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
-        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
-        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
-        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
-        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * _noise_like(model_output, generator)
-        return StepOutput(x_prev, x0)
-    """),
-    Mistake(3, "alphas_cumprod[prev_t] after the last step (a negative index)", "a negative index", """
-        prev_t = self._prev_timestep(t)
-        abar_t, abar_prev = self.alphas_cumprod[t], self.alphas_cumprod[prev_t]
-        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
-        sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
-        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * _noise_like(model_output, generator)
-        return StepOutput(x_prev, x0)
-    """),
-    Mistake(3, "σ without η (noise at η = 0)", "η is missing", """
-        prev_t = self._prev_timestep(t)
-        abar_t = self.alphas_cumprod[t]
-        final = torch.tensor(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
-        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else final
-        x0, eps = self._x0_and_eps(model_output, x_t, abar_t)
-        sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)) ** 0.5
-        x_prev = abar_prev**0.5 * x0 + (1 - abar_prev - sigma**2) ** 0.5 * eps
-        return StepOutput(x_prev + sigma * _noise_like(model_output, generator), x0)
-    """),
+    M(3, "σ² missing in the direction term", "σ² is missing", edits=(("(1 - abar_prev - sigma**2) ** 0.5", "(1 - abar_prev) ** 0.5"),)),
+    M(3, "α_t (one step) for ᾱ_t", "not the cumulative product",
+      edits=(("abar_t = self.alphas_cumprod[t]", "abar_t = self.alphas[t]"), ("self.alphas_cumprod[prev_t] if", "self.alphas[prev_t] if"))),
+    M(3, "t − 1 as the previous timestep", "one training step back", edits=(("prev_t = self._prev_timestep(t)", "prev_t = t - 1"),)),
+    M(3, "alphas_cumprod[prev_t] after the last step (a negative index)", "a negative index",
+      edits=(("self.alphas_cumprod[prev_t] if prev_t >= 0 else final", "self.alphas_cumprod[prev_t]"),)),
+    M(3, "σ without η", "η is missing", edits=(("sigma = eta * variance**0.5", "sigma = variance**0.5"),)),
     # 4. classifier-free guidance (paper eq. 2)
-    Mistake(4, "w on the unconditional prediction", "ε_u and ε_c are swapped", """
-        if w == 1:
-            return eps_cond
-        return eps_cond + w * (eps_uncond - eps_cond)
-    """),
-    Mistake(4, "the step taken from ε_c", "a step from ε_c", """
-        if w == 1:
-            return eps_cond
-        return eps_cond + w * (eps_cond - eps_uncond)
-    """),
-    Mistake(4, "only the step w·(ε_c − ε_u)", "ε_u is missing", """
-        return w * (eps_cond - eps_uncond)
-    """),
-    Mistake(4, "ε_u − w·(ε_c − ε_u)", "the sign of (ε_c − ε_u) is flipped", """
-        if w == 1:
-            return eps_cond
-        return eps_uncond - w * (eps_cond - eps_uncond)
-    """),
+    M(4, "w on the unconditional prediction", "ε_u and ε_c are swapped",
+      edits=(("eps_uncond + w * (eps_cond - eps_uncond)", "eps_cond + w * (eps_uncond - eps_cond)"),)),
+    M(4, "the step taken from ε_c", "a step from ε_c", edits=(("eps_uncond + w * (eps_cond - eps_uncond)", "eps_cond + w * (eps_cond - eps_uncond)"),)),
+    M(4, "only the step w·(ε_c − ε_u)", "ε_u is missing", edits=(("eps_uncond + w * (eps_cond - eps_uncond)", "w * (eps_cond - eps_uncond)"),)),
+    M(4, "ε_u − w·(ε_c − ε_u)", "the sign of (ε_c − ε_u) is flipped", edits=(("eps_uncond + w *", "eps_uncond - w *"),)),
     # 5. Softmax(QKᵀ/√d)V with a −inf mask
-    Mistake(5, "no 1/√d", "the 1/√d is missing", """
-        scores = q @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.softmax(dim=-1) @ v
-    """),
-    Mistake(5, "divided by d instead of √d", "divided by d, not by √d", """
-        scores = q @ k.transpose(-2, -1) / q.shape[-1]
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.softmax(dim=-1) @ v
-    """),
-    Mistake(5, "softmax over the queries", "not over the queries", """
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return scores.softmax(dim=-2) @ v
-    """),
-    Mistake(5, "masked scores set to 0, not −inf", "fill with −inf, not 0", """
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(~mask, 0.0)
-        return scores.softmax(dim=-1) @ v
-    """),
-    Mistake(5, "the mask inverted (True = hidden)", "the mask is inverted", """
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if mask is not None:
-            scores = scores.masked_fill(mask, float("-inf"))
-        return scores.softmax(dim=-1) @ v
-    """),
-    Mistake(5, "the mask applied to the weights after the softmax", "not the weights after it", """
+    M(5, "no 1/√d", "the 1/√d is missing", edits=((" / math.sqrt(d)", ""),)),
+    M(5, "divided by d instead of √d", "divided by d, not by √d", edits=(("math.sqrt(d)", "d"),)),
+    M(5, "softmax over the queries", "not over the queries", edits=(("softmax(dim=-1)", "softmax(dim=-2)"),)),
+    M(5, "masked scores set to 0, not −inf", "fill with −inf, not 0", edits=(('float("-inf")', "0.0"),)),
+    M(5, "the mask inverted (True = hidden)", "the mask is inverted", edits=(("masked_fill(~mask,", "masked_fill(mask,"),)),
+    M(5, "the mask applied to the weights after the softmax", "not the weights after it", body="""
         weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(dim=-1)
         if mask is not None:
             weights = weights * mask
         return weights @ v
     """),
     # 6. the BPE merge loop
-    Mistake(6, "the highest rank merged first", "you merged the highest rank first", """
-        while len(symbols) > 1:
-            ranked = [p for p in zip(symbols, symbols[1:]) if p in self.ranks]
-            if not ranked:
-                break
-            best = max(ranked, key=self.ranks.get)
-            merged, k = [], 0
-            while k < len(symbols):
-                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
-                    merged.append(symbols[k] + symbols[k + 1])
-                    k += 2
-                else:
-                    merged.append(symbols[k])
-                    k += 1
-            symbols = merged
-    """),
-    Mistake(6, "the leftmost ranked pair merged first", "you merged the leftmost pair that has a rank", """
-        while len(symbols) > 1:
-            ranked = [p for p in zip(symbols, symbols[1:]) if p in self.ranks]
-            if not ranked:
-                break
-            best = ranked[0]
-            merged, k = [], 0
-            while k < len(symbols):
-                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
-                    merged.append(symbols[k] + symbols[k + 1])
-                    k += 2
-                else:
-                    merged.append(symbols[k])
-                    k += 1
-            symbols = merged
-    """),
-    Mistake(6, "pairs without a rank merged too", "pairs that have no rank were merged", """
-        while len(symbols) > 1:
-            pairs = list(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            merged, k = [], 0
-            while k < len(symbols):
-                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
-                    merged.append(symbols[k] + symbols[k + 1])
-                    k += 2
-                else:
-                    merged.append(symbols[k])
-                    k += 1
-            symbols = merged
-    """),
-    Mistake(6, "one merge, no loop", "look for the best pair again", """
-        pairs = list(zip(symbols, symbols[1:]))
-        if pairs and min(pairs, key=lambda p: self.ranks.get(p, float("inf"))) in self.ranks:
-            best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
-            merged, k = [], 0
-            while k < len(symbols):
-                if k + 1 < len(symbols) and (symbols[k], symbols[k + 1]) == best:
-                    merged.append(symbols[k] + symbols[k + 1])
-                    k += 2
-                else:
-                    merged.append(symbols[k])
-                    k += 1
-            symbols = merged
-    """),
+    M(6, "the highest rank merged first", "you merged the highest rank first",
+      edits=(('best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))',
+              "best = max((p for p in pairs if p in self.ranks), key=self.ranks.get, default=pairs[0])"),)),
+    M(6, "the leftmost ranked pair merged first", "you merged the leftmost pair that has a rank",
+      edits=(('best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))', "best = next((p for p in pairs if p in self.ranks), pairs[0])"),)),
+    M(6, "pairs without a rank merged too", "pairs that have no rank were merged", edits=(("if best not in self.ranks:\n        break", "pass"),)),
+    M(6, "one merge, no loop", "look for the best pair again", edits=(("while len(symbols) > 1:", "for _ in range(min(1, len(symbols) - 1)):"),)),
     # 7. the image projection: Linear → (B, N, D) → LayerNorm
-    Mistake(7, "no LayerNorm", "must go through LayerNorm", """
-        return self.proj(image_embeds).reshape(*image_embeds.shape[:-1], self.num_tokens, -1)
-    """),
-    Mistake(7, "reshaped to (B, D, N) and transposed", "not (B, D, N) and a transpose", """
-        tokens = self.proj(image_embeds).reshape(*image_embeds.shape[:-1], -1, self.num_tokens)
-        return self.norm(tokens.transpose(-1, -2))
-    """),
-    Mistake(7, "only the batch axis kept", "keep every leading axis", """
-        tokens = self.proj(image_embeds).reshape(image_embeds.shape[0], self.num_tokens, -1)
-        return self.norm(tokens)
-    """),
+    M(7, "no LayerNorm", "must go through LayerNorm", edits=(("return self.norm(tokens)", "return tokens"),)),
+    M(7, "reshaped to (B, D, N) and transposed", "not (B, D, N) and a transpose",
+      edits=(("reshape(*image_embeds.shape[:-1], self.num_tokens, -1)", "reshape(*image_embeds.shape[:-1], -1, self.num_tokens).transpose(-1, -2)"),)),
+    M(7, "only the batch axis kept", "keep every leading axis",
+      edits=(("reshape(*image_embeds.shape[:-1], self.num_tokens, -1)", "reshape(image_embeds.shape[0], self.num_tokens, -1)"),)),
     # 8. decoupled cross-attention: text + λ·image, two softmaxes
-    Mistake(8, "one softmax over text and image tokens concatenated", "one softmax over [text; image]", """
+    M(8, "one softmax over text and image tokens concatenated", "one softmax over [text; image]", body="""
         if scale == 0:
             return attention(q, k, v)
         return attention(q, torch.cat([k, k_ip], dim=2), torch.cat([v, scale * v_ip], dim=2))
     """),
-    Mistake(8, "λ on both branches", "λ multiplies the text branch too", """
-        return scale * (attention(q, k, v) + attention(q, k_ip, v_ip))
-    """),
-    Mistake(8, "(1−λ)·text + λ·image", "the text branch must keep weight 1", """
-        return (1 - scale) * attention(q, k, v) + scale * attention(q, k_ip, v_ip)
-    """),
-    Mistake(8, "the image branch with the text keys", "used the text keys K instead of K′", """
-        return attention(q, k, v) + scale * attention(q, k, v_ip)
-    """),
+    M(8, "λ on both branches", "λ multiplies the text branch too", body="return scale * (attention(q, k, v) + attention(q, k_ip, v_ip))"),
+    M(8, "(1−λ)·text + λ·image", "the text branch must keep weight 1", body="return (1 - scale) * attention(q, k, v) + scale * attention(q, k_ip, v_ip)"),
+    M(8, "the image branch with the text keys", "used the text keys K instead of K′", edits=(("attention(q, k_ip, v_ip)", "attention(q, k, v_ip)"),)),
     # 9. the VAE's levels in the LDM key map
-    Mistake(9, "the decoder's levels not reversed", "the decoder's levels are not reversed", """
-        down, up = ("down", "down_blocks"), ("up", "up_blocks")
-        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
-            src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
-            head = f"{side}.{src}."
-            if key.startswith(head):
-                level, rest = key[len(head):].split(".", 1)
-                level = int(level)
-                return f"{side}.{dst}.{level}.{rest}"
-        return key
-    """),
-    Mistake(9, "the encoder reversed too", "the encoder keeps its level numbers", """
-        down, up = ("down", "down_blocks"), ("up", "up_blocks")
-        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
-            src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
-            head = f"{side}.{src}."
-            if key.startswith(head):
-                level, rest = key[len(head):].split(".", 1)
-                level = levels - 1 - int(level)
-                return f"{side}.{dst}.{level}.{rest}"
-        return key
-    """),
-    Mistake(9, "levels − i for the decoder", "levels − i is one too many", """
-        down, up = ("down", "down_blocks"), ("up", "up_blocks")
-        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
-            src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
-            head = f"{side}.{src}."
-            if key.startswith(head):
-                level, rest = key[len(head):].split(".", 1)
-                level = int(level) if side == "encoder" else levels - int(level)
-                return f"{side}.{dst}.{level}.{rest}"
-        return key
-    """),
-    Mistake(9, "one direction only (to_diffusers ignored)", "must work both ways", """
-        down, up = ("down", "down_blocks"), ("up", "up_blocks")
-        for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
-            src, dst = ldm, ours
-            head = f"{side}.{src}."
-            if key.startswith(head):
-                level, rest = key[len(head):].split(".", 1)
-                level = int(level) if side == "encoder" else levels - 1 - int(level)
-                return f"{side}.{dst}.{level}.{rest}"
-        return key
-    """),
+    M(9, "the decoder's levels not reversed", "the decoder's levels are not reversed",
+      edits=(('int(level) if side == "encoder" else levels - 1 - int(level)', "int(level)"),)),
+    M(9, "the encoder reversed too", "the encoder keeps its level numbers",
+      edits=(('int(level) if side == "encoder" else levels - 1 - int(level)', "levels - 1 - int(level)"),)),
+    M(9, "levels − i for the decoder", "levels − i is one too many", edits=(("levels - 1 - int(level)", "levels - int(level)"),)),
+    M(9, "one direction only (to_diffusers ignored)", "must work both ways",
+      edits=(("src, dst = (ldm, ours) if to_diffusers else (ours, ldm)", "src, dst = ldm, ours"),)),
     # 10. dropping the image, the text or both (5% each in the paper)
-    Mistake(10, "three independent thresholds (the cases overlap)", "the cases overlap", """
-        image_drop, text_drop, both_drop = self.rates
-        u = b["u"]
-        drop_image = (u < image_drop) | (u < both_drop)
-        drop_text = (u < text_drop) | (u < both_drop)
-        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
-        b["keep_image"] = (~drop_image).float()
-        return b
-    """),
-    Mistake(10, "no case that drops both", "both dropped, is missing", """
-        image_drop, text_drop, both_drop = self.rates
-        u = b["u"]
-        drop_image = u < image_drop
-        drop_text = (u >= image_drop) & (u < image_drop + text_drop)
-        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
-        b["keep_image"] = (~drop_image).float()
-        return b
-    """),
-    Mistake(10, "keep_image 1.0 where the image is dropped", "keep_image is inverted", """
-        image_drop, text_drop, both_drop = self.rates
-        u = b["u"]
-        drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
-        drop_text = (u >= image_drop) & (u < image_drop + text_drop + both_drop)
-        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
-        b["keep_image"] = drop_image.float()
-        return b
-    """),
-    Mistake(10, "the both-dropped band keeps the text", "the third case drops the text too", """
-        image_drop, text_drop, both_drop = self.rates
-        u = b["u"]
-        drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
-        drop_text = (u >= image_drop) & (u < image_drop + text_drop)
-        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
-        b["keep_image"] = (~drop_image).float()
-        return b
-    """),
+    M(10, "three independent thresholds (the cases overlap)", "the cases overlap",
+      edits=(("drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))",
+              "drop_image = (u < image_drop) | (u < both_drop)"),
+             ("drop_text = (u >= image_drop) & (u < image_drop + text_drop + both_drop)", "drop_text = (u < text_drop) | (u < both_drop)"))),
+    M(10, "no case that drops both", "both dropped, is missing",
+      edits=(("(u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))", "u < image_drop"),
+             ("(u < image_drop + text_drop + both_drop)", "(u < image_drop + text_drop)"))),
+    M(10, "keep_image 1.0 where the image is dropped", "keep_image is inverted", edits=(("(~drop_image).float()", "drop_image.float()"),)),
+    M(10, "the both-dropped band keeps the text", "the third case drops the text too",
+      edits=(("drop_text = (u >= image_drop) & (u < image_drop + text_drop + both_drop)", "drop_text = (u >= image_drop) & (u < image_drop + text_drop)"),)),
 )
 
 
@@ -447,7 +233,7 @@ def main(out: str, names: list[str]) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # pytest's progress lines
         for round_ in itertools.zip_longest(*rounds):
             mistakes = {m.assignment: m for m in round_ if m is not None}
-            graded = grade_bodies({n: m.body for n, m in mistakes.items()})
+            graded = grade_bodies({n: m.code() for n, m in mistakes.items()})
             rows += [{"name": mistakes[row["number"]].name, **row} for row in graded]
         rows += [{"name": "reference", **row} for row in grade_bodies({n: reference_body(n) for n in numbers})]
     Path(out).write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")

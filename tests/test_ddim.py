@@ -139,10 +139,11 @@ def test_ddim_step_with_eta_has_the_direction_and_noise_terms_of_ddim_eq12():
                 f"{here} the x̂0 term is right, the noise term is not: σ·z with σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·"
                 f"√(1−ᾱ_t/ᾱ_prev) = {sigma:.5f}, yours has {c:.5f}·z{which(c, named)}")
             direction = (1 - abar_prev - sigma**2) ** 0.5
-            named = {"√(1−ᾱ_prev): σ² is missing": (1 - abar_prev) ** 0.5, "√(1−ᾱ_prev−σ): σ where σ² belongs": (1 - abar_prev - sigma) ** 0.5}
+            named = {"√(1−ᾱ_prev): σ² is missing": (1 - abar_prev) ** 0.5, "√(1−ᾱ_prev−σ): σ where σ² belongs": (1 - abar_prev - sigma) ** 0.5,
+                     "√(1−ᾱ_prev−σ²) with σ at η = 1: η is missing from σ": (1 - abar_prev - sigma_1**2) ** 0.5}
             assert abs(b - direction) < 1e-4, (
                 f"{here} the x̂0 and noise terms are right, the direction term is not: √(1−ᾱ_prev−σ²) = {direction:.5f}, yours is {b:.5f}"
-                f"{which(b, named) if eta else ''}")
+                f"{which(b, named)}")
 
 
 def which(value: float, candidates: dict[str, float]) -> str:
