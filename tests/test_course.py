@@ -356,50 +356,6 @@ def test_every_catalogued_wrong_solution_earns_under_half_and_its_message_names_
     graded_catalogue(tmp_path, MISTAKES)
 
 
-# ─── Grading that diagnoses: the catalogue of wrong solutions (tests/course_mistakes.py) ─────────────
-
-
-def test_weights_name_listed_tests_and_the_catalogue_has_three_mistakes_per_assignment():
-    from course_mistakes import MISTAKES, reference_body
-
-    for a in ASSIGNMENTS:
-        assert set(a.weights) <= {t.split("::")[-1] for t in a.tests} and all(w > 0 for w in a.weights.values()), a.number
-        mistakes = [m for m in MISTAKES if m.assignment == a.number]
-        assert len(mistakes) >= 3, f"assignment {a.number} has {len(mistakes)} catalogued wrong solutions"
-        assert all(m.words and m.body.split() != reference_body(a.number).split() for m in mistakes), a.number
-    assert len({m.name for m in MISTAKES}) == len(MISTAKES)
-
-
-def graded_catalogue(tmp_path, mistakes) -> list[dict]:
-    """Grade `mistakes` and the reference solutions of their assignments, in one process (course_mistakes.py)."""
-    out = tmp_path / "graded.json"
-    command = [sys.executable, str(ROOT / "tests" / "course_mistakes.py"), str(out), *(m.name for m in mistakes)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert out.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads(out.read_text(encoding="utf-8"))
-    for m in mistakes:  # each wrong solution: under half of its assignment's points, its first message names it
-        row = next(r for r in rows if r["name"] == m.name)
-        assert row["number"] == m.assignment and row["points"] < row["max_points"] / 2, (m.name, row["points"], row["max_points"])
-        assert m.words in row["first_message"], (m.name, m.words, row["first_message"])
-    references = {r["number"]: r for r in rows if r["name"] == "reference"}  # the same harness gives the reference full marks
-    assert sorted(references) == sorted({m.assignment for m in mistakes})
-    assert all(r["points"] == r["max_points"] and r["passed"] == r["total"] for r in references.values()), references
-    return rows
-
-
-def test_a_wrong_solution_per_assignment_earns_under_half_and_its_message_names_the_mistake(tmp_path):
-    from course_mistakes import MISTAKES
-
-    graded_catalogue(tmp_path, list({m.assignment: m for m in reversed(MISTAKES)}.values()))  # each assignment's first
-
-
-@pytest.mark.slow
-def test_every_catalogued_wrong_solution_earns_under_half_and_its_message_names_the_mistake(tmp_path):
-    from course_mistakes import MISTAKES
-
-    graded_catalogue(tmp_path, MISTAKES)
-
-
 # ─── The challenge copy (make-student --challenge) ──────────────────────────────────────────────────
 
 
