@@ -107,12 +107,13 @@ def real_weights(root: Path) -> dict:
 # ─── the two libraries, behind one small interface ──────────────────────────────────────────────
 
 
-def load(lib: str, paths: dict, device: str, dtype: torch.dtype):
+def load(lib: str, paths: dict, device: str, dtype: torch.dtype, compile: bool = False):
+    """A pipeline of `lib` with the IP-Adapter; `compile`: the UNet through torch.compile (CUDA graphs on a GPU) in both."""
     if lib == "minipa":
         import minipa
 
         return minipa.load_pipeline(paths["model"], ip_adapter=paths["ip_adapter"], image_encoder=paths["image_encoder"],
-                                    device=device, dtype=dtype)
+                                    device=device, dtype=dtype, compile=compile)
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
@@ -123,7 +124,10 @@ def load(lib: str, paths: dict, device: str, dtype: torch.dtype):
                           feature_extractor=CLIPImageProcessor())
     pipe.set_ip_adapter_scale(0.6)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if compile:
+        pipe.unet.compile(mode="reduce-overhead" if device.startswith("cuda") else None, dynamic=False)
+    return pipe
 
 
 def prompt_image() -> Image.Image:
@@ -201,7 +205,7 @@ def child(args) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    pipe = load(args.child, paths, args.device, dtype)
+    pipe = load(args.child, paths, args.device, dtype, args.compile)
     loaded = time.perf_counter() - start
     rows = tasks(args.child, pipe, args.device, dtype, args.size, args.steps)
     timed(rows["end_to_end"], args.device)
@@ -212,7 +216,7 @@ def child(args) -> None:
 def in_fresh_process(lib: str, args, paths: dict) -> dict:
     cmd = [sys.executable, __file__, "--child", lib, "--paths", json.dumps({k: str(v) for k, v in paths.items()}),
            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads), "--size", str(args.size),
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps)] + (["--compile"] if args.compile else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -231,6 +235,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 512; smoke 64)")
     parser.add_argument("--cache", default=os.path.expanduser("~/.cache/minipa-bench"))
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--compile", action="store_true", help="both UNets through torch.compile (CUDA: CUDA graphs)")
+    parser.add_argument("--rows", help="comma-separated rows to time (default all), e.g. unet_step,end_to_end")
+    parser.add_argument("--no-fresh", action="store_true", help="skip the fresh-process rows (load time, peak memory)")
+    parser.add_argument("--precision", action="store_true",
+                        help="instead of timing: how far bfloat16 and float16 images are from float32, for both libraries")
     parser.add_argument("--child", choices=("minipa", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -247,19 +256,20 @@ def main(argv=None) -> dict:
     else:
         sizes, name = (TINY, "tiny") if args.smoke else (FULL, "sd15")
         paths, source = make_weights(Path(args.cache) / f"{name}-{args.dtype}", sizes, dtype), f"random {name}-shaped weights"
+    if args.precision:
+        return precision_report(args, paths, source)
     repeats = 1 if args.smoke else args.repeats
     SCALING[:] = [(64, 1), (64, 2)] if args.smoke else [(256, 1), (512, 1), (768, 1), (512, 2), (512, 4)]
 
-    results = {lib: {"load_s": [], "peak_memory_mb": []} for lib in ("minipa", "diffusers")}
-    for _ in range(repeats):  # fresh processes, alternating: load time and peak memory (the end-to-end run included)
+    results = {lib: {} if args.no_fresh else {"load_s": [], "peak_memory_mb": []} for lib in ("minipa", "diffusers")}
+    for _ in range(0 if args.no_fresh else repeats):  # fresh processes, alternating: load time and peak memory (end to end included)
         for lib in results:
             child_result = in_fresh_process(lib, args, paths)
             results[lib]["load_s"].append(child_result["load_s"])
             results[lib]["peak_memory_mb"].append(child_result["peak_bytes"] / 2**20)
-    print(f"load_s: minipa {results['minipa']['load_s']}  diffusers {results['diffusers']['load_s']}", flush=True)
-    pipes = {lib: load(lib, paths, args.device, dtype) for lib in results}
+    pipes = {lib: load(lib, paths, args.device, dtype, args.compile) for lib in results}
     rows = {lib: tasks(lib, pipes[lib], args.device, dtype, args.size, args.steps) for lib in results}
-    for name in rows["minipa"]:
+    for name in args.rows.split(",") if args.rows else rows["minipa"]:
         for lib in results:
             timed(rows[lib][name], args.device)  # warm-up
         for _ in range(repeats):
@@ -269,7 +279,8 @@ def main(argv=None) -> dict:
 
     report = {
         "date": date.today().isoformat(), "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-        "cpu": platform.processor() or platform.machine(), "threads": args.threads, "dtype": args.dtype, "source": source,
+        "cpu": platform.processor() or platform.machine(), "threads": args.threads, "dtype": args.dtype + (" + compile" if args.compile else ""),
+        "source": source,
         "size": args.size, "steps": args.steps, "repeats": repeats,
         "versions": {"torch": torch.__version__, "diffusers": _version("diffusers"), "minipa": _version("minipa")},
         "rows": {name: {"minipa": statistics.median(results["minipa"][name]), "diffusers": statistics.median(results["diffusers"][name]),
@@ -277,7 +288,48 @@ def main(argv=None) -> dict:
                  for name in results["minipa"]},
         "runs": results,  # every measurement, in the order taken
     }
-    write_report(report, Path(args.out), "smoke" if args.smoke else args.device.split(":")[0])
+    default = "float16" if args.device.startswith("cuda") else "float32"
+    name = "smoke" if args.smoke else args.device.split(":")[0] + ("" if args.dtype == default else f"-{args.dtype}")
+    write_report(report, Path(args.out), name + ("-compile" if args.compile else ""))
+    return report
+
+
+def precision_report(args, paths: dict, source: str) -> dict:
+    """Each library's images in bfloat16 and float16 against its own float32 images: the same weights (stored
+    in the run's dtype, cast on loading), latents, prompts and image prompt; max and mean absolute difference in [0, 1]."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, args.size // 8, args.size // 8, generator=g)
+    image, rows = prompt_image(), {}
+    for lib in ("minipa", "diffusers"):
+        images = {}
+        for name in ("float32", "bfloat16", "float16"):
+            pipe = load(lib, paths, args.device, getattr(torch, name))
+            x = latents.to(args.device, getattr(torch, name))
+            with torch.inference_mode():
+                if lib == "minipa":
+                    out = pipe(PROMPT, ip_image=image, num_steps=args.steps, height=args.size, width=args.size, latents=x,
+                               output="np", progress=False)
+                else:
+                    out = pipe(PROMPT, ip_adapter_image=image, num_inference_steps=args.steps, height=args.size, width=args.size,
+                               latents=x, output_type="np").images
+            images[name] = torch.as_tensor(out).float()
+            del pipe
+        for name in ("bfloat16", "float16"):
+            diff = (images[name] - images["float32"]).abs()
+            rows.setdefault(f"{name}_vs_float32_max", {})[lib] = diff.max().item()
+            rows.setdefault(f"{name}_vs_float32_mean", {})[lib] = diff.mean().item()
+        print(lib, {k: v[lib] for k, v in rows.items()}, flush=True)
+    report = {"date": date.today().isoformat(), "device": args.device, "source": source, "size": args.size, "steps": args.steps,
+              "rows": rows, "versions": {"torch": torch.__version__, "diffusers": _version("diffusers")}}
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"precision-{'smoke' if args.smoke else args.device.split(':')[0]}"
+    (folder / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Image differences from float32 — {args.device}, {source}, {args.size}×{args.size}, {args.steps} DDIM steps ({report['date']})",
+             "", "| images in | minipa | diffusers |", "|---|---:|---:|"]
+    lines += [f"| {row} | {r['minipa']:.4f} | {r['diffusers']:.4f} |" for row, r in rows.items()]
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return report
 
 
