@@ -368,8 +368,9 @@ def test_the_challenge_copy_is_the_guided_copy_with_other_stubs(student, challen
     """Outside the regions (and the README) the two copies are the same bytes, and both stubs raise before any other
     line runs: so what the guided copy proves (putting back solution k makes exactly assignment k pass,
     test_putting_back_solution_k_makes_exactly_assignment_k_pass) holds for the challenge copy too."""
-    guided_files = {p.relative_to(student) for p in student.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    challenge_files = {p.relative_to(challenge) for p in challenge.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    made = lambda copy: {p.relative_to(copy) for p in copy.rglob("*") if p.is_file() and not any(  # noqa: E731
+        part.startswith(".") or part == "__pycache__" for part in p.relative_to(copy).parts)}  # not what running tests leaves
+    guided_files, challenge_files = made(student), made(challenge)
     assert guided_files == challenge_files
     stubbed = {a.file for a in ASSIGNMENTS}
     for name in guided_files - {Path("assignments/README.md")} - {Path(f) for f in stubbed}:
