@@ -336,6 +336,11 @@ NEEDS_EVERY_ASSIGNMENT = (
         "extra_stages_load_and_evaluate", "a_mis_shaped_ablation_file_is_named",
         "steps_option_trains_a_stage_that_many_steps",
     )),
+    *(f"tests/test_train_adapter.py::test_{name}" for name in (  # train-adapter: every region of a training step, end to end
+        "one_training_step_equals_diffusers_parts", "a_short_run_lowers_the_loss_and_logs_every_step",
+        "the_trained_adapter_gives_the_same_image_in_diffusers_and_minipa", "resume_continues_bit_for_bit",
+        "two_gloo_processes_equal_one", "bf16_autocast_on_the_cpu_stays_close_to_fp32", "memory_options_leave_the_step_unchanged",
+    )),
     "tests/test_benchmark.py",  # whole files: generation end to end
     "tests/test_pipeline_grid.py",
     "tests/test_tiny_model.py",

@@ -25,6 +25,9 @@ from minipa.train.images import read_dataset
 from minipa.train.trainer import Compute, step_generator
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVICE = os.environ.get("MINIPA_TEST_DEVICE", "cpu")  # benchmarks/train_adapter_gpu.sh runs these tests on "cuda" too
+if DEVICE != "cpu":
+    torch.backends.cudnn.allow_tf32 = False  # float32 means float32 here, for the 1e-5 comparisons
 SIZE = 64  # the tiny UNet's sample_size 8 × the VAE's factor 8
 DROPS = dict(image_drop=0.25, text_drop=0.25, both_drop=0.25)  # every case in a batch of 8 (seed 0, step 1), for the parity test
 
@@ -47,7 +50,7 @@ def photos(tmp_path_factory) -> Path:
 
 def settings(world, data, out, **kwargs) -> AdapterSettings:
     options = dict(image_encoder=str(world["image_encoder"]), resolution=SIZE, batch_size=4, steps=6, checkpoint_every=3,
-                   progress=False, device="cpu")
+                   progress=False, device=DEVICE)
     return AdapterSettings(model=str(world["model"]), data=str(data), out=str(out), **{**options, **kwargs})
 
 
@@ -77,11 +80,7 @@ def reference_step(world, examples, b, adapter_state: dict, plus: bool):
     vae, text_encoder = AutoencoderKL.from_pretrained(model / "vae"), CLIPTextModel.from_pretrained(model / "text_encoder")
     encoder, tokenizer = CLIPVisionModelWithProjection.from_pretrained(world["image_encoder"]), CLIPTokenizer.from_pretrained(model / "tokenizer")
     unet = UNet2DConditionModel.from_pretrained(model / "unet").requires_grad_(False)
-    nested = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in adapter_state.items():
-        group, _, rest = key.partition(".")
-        nested[group][rest] = value
-    unet._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)  # what load_ip_adapter does to the UNet
+    unet._load_ip_adapter_weights([nest(adapter_state)], low_cpu_mem_usage=False)  # what load_ip_adapter does to the UNet
     assert isinstance(unet.encoder_hid_proj.image_projection_layers[0], IPAdapterPlusImageProjection if plus else ImageProjection)
     assert all(isinstance(p, IPAdapterAttnProcessor2_0) for n, p in unet.attn_processors.items() if "attn2" in n)
     unet.encoder_hid_proj.requires_grad_(True)
@@ -118,22 +117,19 @@ def test_one_training_step_equals_diffusers_parts(tiny_world, photos, tmp_path, 
     conditions) agree with diffusers' UNet + IP-Adapter processors and projection within 1e-5."""
     s = settings(tiny_world, photos, tmp_path, plus=plus, **DROPS)
     dataset = read_dataset(photos)
-    module, pipe = build_training(s, dataset, Compute())
+    module, pipe = build_training(s, dataset, Compute(DEVICE))
     randomize(pipe.ip_adapter, seed=3)  # norms and biases too: nothing left at 1 or 0
-    state = {key: p.detach().clone() for key, p in _official(pipe.ip_adapter, lambda p: p).items()}
+    state = {key: p.detach().cpu().clone() for key, p in _official(pipe.ip_adapter, lambda p: p).items()}
     b = module.batch(step_generator(0, 1), 8)
     cases = {(bool(k == 0), bool(c == module.data.empty)) for k, c in zip(b["keep_image"], b["caption"])}
     assert cases == {(False, False), (True, False), (False, True), (True, True)}  # kept, image, text and both dropped
-    loss = module(b)
+    loss = module({k: v.to(DEVICE) for k, v in b.items()})
     loss.backward()
     ref_loss, unet = reference_step(tiny_world, dataset.examples, b, state, plus)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
 
-    grads = _official(pipe.ip_adapter, lambda p: p.grad)  # minipa's gradients under the file's names
-    nested = {"image_proj": {}, "ip_adapter": {}}
-    for key, grad in grads.items():
-        group, _, rest = key.partition(".")
-        nested[group][rest] = grad.clone()
+    grads = _official(pipe.ip_adapter, lambda p: p.grad.cpu())  # minipa's gradients under the file's names
+    nested = nest(grads)
     # diffusers' own key conversion maps them onto its modules (it splits Plus's to_kv into to_k and to_v),
     # run by a UNet without an adapter (the Resampler's own attention layers would join the numbering)
     from diffusers import UNet2DConditionModel
@@ -150,6 +146,15 @@ def test_one_training_step_equals_diffusers_parts(tiny_world, photos, tmp_path, 
     worst = max((float((g - r).abs().max()), name) for name, g, r in pairs)
     print(f"loss {loss.item():.6f} vs {ref_loss.item():.6f}; largest gradient difference {worst[0]:.2e} ({worst[1]})")
     assert worst[0] <= 1e-5, worst
+
+
+def nest(flat: dict) -> dict:
+    """The official flat keys → the nested {"image_proj": {…}, "ip_adapter": {…}} that diffusers' loaders take."""
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        group, _, rest = key.partition(".")
+        nested[group][rest] = value
+    return nested
 
 
 def _official(adapter, value) -> dict:
@@ -187,7 +192,7 @@ def test_json_and_jsonl_records_read_like_the_folder(photos, tmp_path):
 # ─── the command: a short run and what it writes ─────────────────────────────────────────────────
 
 RUN = ["--resolution", str(SIZE), "--batch-size", "4", "--steps", "12", "--checkpoint-every", "6", "--lr", "1e-3",
-       "--device", "cpu", "--no-progress"]
+       "--device", DEVICE, "--no-progress"]
 
 
 def command(world, data, out, *extra):
@@ -197,9 +202,10 @@ def command(world, data, out, *extra):
 
 @pytest.fixture(scope="module")
 def run(tiny_world, photos, tmp_path_factory) -> Path:
-    """12 steps of 4 images through `minipa train-adapter` (lr 1e-3, to move fast), both adapter formats."""
+    """12 steps of 4 images through `minipa train-adapter` (lr 1e-3, to move fast), both adapter formats, samples."""
     out = tmp_path_factory.mktemp("run")
-    assert cli(command(tiny_world, photos, out, "--save-bin")) == 0
+    assert cli(command(tiny_world, photos, out, "--save-bin", "--sample-every", "6", "--sample-steps", "2",
+                       "--sample-prompt", "", "--sample-prompt", "a round shape")) == 0
     return out
 
 
@@ -213,6 +219,9 @@ def test_a_short_run_lowers_the_loss_and_logs_every_step(tiny_world, photos, run
         losses = [(before(b).item(), after(b).item()) for b in (before.batch(step_generator(99, i), 16) for i in range(2))]
     print("fixed-batch loss before → after:", losses)
     assert all(a < 0.97 * b for b, a in losses)
+    with Image.open(run / "samples" / "step-000012.png") as grid:  # 4 rows: the image prompt, then 2 generations
+        assert grid.size == (3 * SIZE, 4 * SIZE)
+    assert (run / "samples" / "step-000006.png").is_file()
     assert sorted(p.name for p in (run / "adapters").iterdir()) == [
         "ip-adapter-000006.bin", "ip-adapter-000006.safetensors", "ip-adapter-000012.bin", "ip-adapter-000012.safetensors"]
 
@@ -249,11 +258,11 @@ def test_resume_continues_bit_for_bit(tiny_world, photos, run, tmp_path, monkeyp
 
     monkeypatch.setattr(IPAdapterTraining, "batch", interrupted)
     assert cli(command(tiny_world, photos, tmp_path, "--save-bin")) == 130
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)["step"] == 6
     monkeypatch.undo()
     assert cli(command(tiny_world, photos, tmp_path, "--save-bin")) == 1  # without --resume: refused
     assert cli(command(tiny_world, photos, tmp_path, "--save-bin", "--resume")) == 0
-    a, b = (torch.load(folder / "checkpoint.pt", weights_only=True) for folder in (run, tmp_path))
+    a, b = (torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True) for folder in (run, tmp_path))
     assert a["step"] == b["step"] == 12 and a["losses"] == b["losses"]
     for key in ("model", "ema"):
         assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
@@ -265,13 +274,14 @@ def test_resume_continues_bit_for_bit(tiny_world, photos, run, tmp_path, monkeyp
     assert losses[0] == losses[1]  # the log of steps 7 and 8, written before the interruption, was replaced
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="gloo runs on the CPU (one GPU cannot host two NCCL processes)")
 def test_two_gloo_processes_equal_one(tiny_world, photos, run, tmp_path):
     """torchrun with 2 processes × 2 images ≡ 1 process × 4 images, 12 steps (float summation order aside)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "minipa"]
     done = subprocess.run([*torchrun, *command(tiny_world, photos, tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    a, b = (torch.load(folder / "checkpoint.pt", weights_only=True) for folder in (run, tmp_path))
+    a, b = (torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True) for folder in (run, tmp_path))
     assert max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) <= 1e-5
     worst = max(float((a["model"][n] - b["model"][n]).abs().max()) for n in a["model"])
     print(f"largest weight difference after 12 steps: {worst:.1e}")
@@ -286,7 +296,7 @@ def test_bf16_autocast_on_the_cpu_stays_close_to_fp32(tiny_world, photos, tmp_pa
     for precision in ("fp32", "bf16"):
         summary = train_adapter(settings(tiny_world, photos, tmp_path / precision, steps=3, lr=1e-3, precision=precision))
         assert summary["precision"] == precision
-        runs[precision] = torch.load(tmp_path / precision / "checkpoint.pt", weights_only=True)
+        runs[precision] = torch.load(tmp_path / precision / "checkpoint.pt", map_location="cpu", weights_only=True)
     a, b = runs["fp32"], runs["bf16"]
     assert all(v.dtype == torch.float32 for v in b["model"].values())
     assert all(t.dtype == torch.float32 for s in b["optimizer"]["state"].values() for k, t in s.items() if k != "step")
@@ -354,12 +364,17 @@ def bad_inputs(root: Path, photos: Path, world) -> list:
         ("an image encoder of another width", ["--image-encoder", str(root / "narrow"), "--init-adapter", str(world["ip_safetensors"])],
          ["narrow", "24-wide", "48-wide"]),
         ("a resolution that is no multiple of 8", ["--resolution", "60"], ["--resolution", "multiple of 8", "60"]),
-        ("fp16 on the CPU", ["--precision", "fp16"], ["fp16", "CUDA", "bf16"]),
+        ("fp16 on the CPU", ["--precision", "fp16", "--device", "cpu"], ["fp16", "CUDA", "bf16"]),
     ]
 
 
-def test_bad_input_stops_before_training_with_one_line_naming_the_file(tiny_world, photos, tmp_path, capsys):
-    for what, extra, words in bad_inputs(tmp_path, photos, tiny_world):
+def test_bad_input_stops_before_training_with_one_line_naming_the_file(tiny_world, photos, tmp_path, capsys, monkeypatch):
+    import minipa.train.adapter
+
+    monkeypatch.setattr(minipa.train.adapter, "fit", lambda *args, **kwargs: pytest.fail("training started"))
+    cases = bad_inputs(tmp_path, photos, tiny_world)
+    capsys.readouterr()  # what writing the cases printed
+    for what, extra, words in cases:
         out = tmp_path / "out" / what.replace(" ", "_")
         assert cli([*command(tiny_world, photos, out), *extra]) == 1, what
         message = capsys.readouterr().err.strip()

@@ -173,7 +173,7 @@ def build_training(s: AdapterSettings, dataset: ImageCaptions, compute: Compute,
     pipe = load_pipeline(s.model, image_encoder=_image_encoder_path(s), device=process_device(compute.device), dtype=compute.dtype)
     for part in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.image_encoder):
         part.requires_grad_(False)
-    pipe.ip_adapter = _adapter(s, pipe)
+    pipe.ip_adapter = _adapter(s, pipe).to(pipe.device)  # float32 (trainable; AdamW's state follows it)
     live = LiveEncoders(dataset, s.resolution, pipe, pipe.ip_adapter.plus)
     data = _cached(s, live, rank, world) if s.cache else live
     module = IPAdapterTraining(pipe.unet, pipe.ip_adapter, data, image_drop=s.image_drop, text_drop=s.text_drop,
@@ -217,16 +217,19 @@ def _adapter(s: AdapterSettings, pipe: Pipeline) -> IPAdapter:
 def _cached(s: AdapterSettings, live: LiveEncoders, rank: int, world: int) -> DiffusionData:
     """`encode_dataset`, read back from <out>/cache.pt when the images, captions, models and settings are the same."""
     path = Path(s.out) / "cache.pt"
-    files = [e.image for e in live.dataset.examples] + sorted(p for p in Path(s.model).rglob("*") if p.is_file()) \
-        + sorted(p for p in _image_encoder_path(s).rglob("*") if p.is_file())
+    files = [e.image for e in live.dataset.examples] + _files(Path(s.model)) + _files(_image_encoder_path(s))
     stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = hashlib.sha256(json.dumps([stats, live.dataset.captions, s.resolution, live.plus, str(live.pipe.dtype)]).encode()).hexdigest()
     if path.is_file() and (state := torch.load(path, weights_only=True))["key"] == key:
         return DiffusionData(**state["data"])
     data = encode_dataset(live, rank, world)
     if rank == 0:
-        save_atomically({"key": key, "data": dataclasses.asdict(data)}, path)
+        save_atomically({"key": key, "data": {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}}, path)
     return data
+
+
+def _files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
 
 
 # ─── the run ─────────────────────────────────────────────────────────────────────────────────────
@@ -275,9 +278,12 @@ class Outputs:
     """What the run writes on the way, in the first process: the loss log, an adapter per checkpoint, sample grids."""
 
     def __init__(self, s: AdapterSettings, out: Path, pipe: Pipeline, dataset: ImageCaptions, compute: Compute, schedule: Schedule):
-        self.s, self.out, self.pipe, self.dataset, self.compute, self.schedule = s, out, pipe, dataset, compute, schedule
+        self.s, self.out, self.pipe, self.compute, self.schedule = s, out, pipe, compute, schedule
         self.log = LossLog(out / "losses.jsonl")
         self.began = time.perf_counter()
+        # the grid's image prompts, read now: a wrong path stops the run before it trains
+        paths = s.sample_images or [e.image for e in dataset.examples[:4]]
+        self.sample_images = [to_rgb(load_image(p)) for p in paths] if s.sample_every else []
 
     def after_step(self, step: int, loss: float) -> None:
         s = self.s
@@ -296,11 +302,9 @@ class Outputs:
     def save_samples(self, path: Path) -> None:
         """A grid: one row per sample image (the image itself, then one generation per sample prompt, λ = 1, seed 0)."""
         s, R = self.s, self.s.resolution
-        images = [to_rgb(load_image(p)) for p in s.sample_images] or \
-            [to_rgb(load_image(e.image)) for e in self.dataset.examples[:4]]
         rows = []
         with self.compute.autocast():  # the float32 adapter beside the frozen models in the compute dtype
-            for image in images:
+            for image in self.sample_images:
                 made = [self.pipe(prompt, ip_image=image, ip_scale=1.0, num_steps=s.sample_steps, height=R, width=R,
                                   seed=0, output="np", progress=False)[0] for prompt in s.sample_prompts]
                 rows.append(np.concatenate([(sd_pixels(image, R).permute(1, 2, 0).numpy() + 1) / 2, *made], axis=1))

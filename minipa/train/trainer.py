@@ -124,12 +124,12 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def distributed(device: str = "cpu") -> tuple[int, int]:
-    """(rank, world size); starts the process group when run under torchrun (WORLD_SIZE > 1):
+    """(rank, world size); starts the process group when run under torchrun (with one process too):
     NCCL for GPUs, gloo for CPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+    return (dist.get_rank(), world) if dist.is_initialized() else (0, 1)
 
 
 def process_device(device: str) -> torch.device:
@@ -238,7 +238,7 @@ def fit(module: TrainingModule, schedule: Schedule, checkpoint: Path, *, name: s
                trainable_state(module))
     if resume and checkpoint.is_file():
         _resume(module, run, checkpoint, schedule, name)
-    model = _data_parallel(module, device) if world > 1 else module
+    model = _data_parallel(module, device) if dist.is_initialized() else module
     bar = tqdm(total=schedule.steps, initial=run.step, desc=name, disable=not progress or rank != 0, dynamic_ncols=True)
     began = time.perf_counter() - run.seconds
     try:
