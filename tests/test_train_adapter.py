@@ -143,7 +143,7 @@ def test_one_training_step_equals_diffusers_parts(tiny_world, photos, tmp_path, 
         if "attn2" in name:
             pairs += [(f"{name}.{n}", g, r.grad) for (n, g), r in zip(processors[name].named_parameters(), ref.parameters(), strict=True)]
     assert len(pairs) == len(grads) + (4 if plus else 0)  # Plus: 4 to_kv gradients are 8 in diffusers
-    worst = max((float((g - r).abs().max()), name) for name, g, r in pairs)
+    worst = max((float((g.detach() - r).abs().max()), name) for name, g, r in pairs)
     print(f"loss {loss.item():.6f} vs {ref_loss.item():.6f}; largest gradient difference {worst[0]:.2e} ({worst[1]})")
     assert worst[0] <= 1e-5, worst
 
