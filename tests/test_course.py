@@ -360,14 +360,17 @@ def test_every_catalogued_wrong_solution_earns_under_half_and_its_message_names_
 
 
 @pytest.fixture(scope="module")
-def challenge(tmp_path_factory):
-    return course.make_student(tmp_path_factory.mktemp("course") / "challenge", challenge=True)
+def both_modes(tmp_path_factory):
+    """A guided and a challenge copy made one after the other (the tree may change while the module runs)."""
+    folder = tmp_path_factory.mktemp("modes")
+    return course.make_student(folder / "guided"), course.make_student(folder / "challenge", challenge=True)
 
 
-def test_the_challenge_copy_is_the_guided_copy_with_other_stubs(student, challenge):
+def test_the_challenge_copy_is_the_guided_copy_with_other_stubs(both_modes):
     """Outside the regions (and the README) the two copies are the same bytes, and both stubs raise before any other
     line runs: so what the guided copy proves (putting back solution k makes exactly assignment k pass,
     test_putting_back_solution_k_makes_exactly_assignment_k_pass) holds for the challenge copy too."""
+    student, challenge = both_modes
     made = lambda copy: {p.relative_to(copy) for p in copy.rglob("*") if p.is_file() and not any(  # noqa: E731
         part.startswith(".") or part == "__pycache__" for part in p.relative_to(copy).parts)}  # not what running tests leaves
     guided_files, challenge_files = made(student), made(challenge)
@@ -387,8 +390,8 @@ def test_the_challenge_copy_is_the_guided_copy_with_other_stubs(student, challen
     assert all((student / name).read_text(encoding="utf-8") == text for name, text in swapped.items())
 
 
-def test_each_readme_says_which_mode_its_copy_is_in(student, challenge):
-    guided, hard = ((copy / "assignments" / "README.md").read_text(encoding="utf-8") for copy in (student, challenge))
+def test_each_readme_says_which_mode_its_copy_is_in(both_modes):
+    guided, hard = ((copy / "assignments" / "README.md").read_text(encoding="utf-8") for copy in both_modes)
     assert "This is a **guided** copy" in guided and "This is a **challenge** copy" in hard
     for a in ASSIGNMENTS:
         assert a.goal in hard and a.task not in hard and not any(hint in hard for hint in a.hints), a.number
