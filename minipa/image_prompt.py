@@ -69,8 +69,9 @@ def combine(x: torch.Tensor, mode: str, weights: Sequence[float] | None = None) 
     weights = check_combine(mode, weights, len(x))
     if mode == "concat":
         return x
-    w = torch.tensor(weights, dtype=torch.float32).reshape(-1, *[1] * (x.ndim - 1))
-    return COMBINE[mode](x.float(), w).to(x.dtype)
+    compute = torch.promote_types(x.dtype, torch.float32)  # at least float32, whatever the pipeline's dtype
+    w = torch.tensor(weights, dtype=compute, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+    return COMBINE[mode](x.to(compute), w).to(x.dtype)
 
 
 def check_combine(mode: str, weights: Sequence[float] | None, n: int) -> list[float]:
