@@ -2,6 +2,7 @@
 and the compiled UNet against the eager one."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from test_pipeline import prompt_images
 
 import minipa
 from minipa import precision
+from minipa.course import blank_assignments
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,10 @@ def test_every_component_runs_in_the_dtype_asked_for(tiny_world, dtype):
 @pytest.mark.slow  # torch.compile builds C++ kernels: about 2 minutes on 2 cores, even for the tiny model
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler: torch.compile cannot run")
 def test_compiled_unet_equals_eager_within_float32_noise(tiny_world):
+    """Slow, so not in the course's lists (they name tests of the default run): it skips itself in a student copy."""
+    blank = blank_assignments(Path(__file__).resolve().parent.parent)
+    if blank:
+        pytest.skip(f"needs every assignment; still blank: {', '.join(map(str, blank))}")
     image, _ = prompt_images()
     run = dict(ip_image=image, ip_scale=0.8, num_steps=3, output="np", progress=False)
     eager = minipa.load_pipeline(tiny_world["model"], ip_adapter=tiny_world["ip_safetensors"])
