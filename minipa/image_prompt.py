@@ -113,12 +113,17 @@ def image_prompt_active(i: int, steps: int, ip_steps: tuple[float, float]) -> bo
 # ─── Regions ───────────────────────────────────────────────────────────────────────────────────────
 
 
+def as_list(items) -> list:
+    """One image, mask or path, or a list/tuple of them → a list."""
+    return list(items) if isinstance(items, (list, tuple)) else [items]
+
+
 def load_masks(masks, count: int, height: int, width: int) -> torch.Tensor:
     """One mask per image prompt → (count, height, width) of 0/1 floats, as diffusers' IPAdapterMaskProcessor
     makes them: a picture (PIL image or path) in grey levels, resized with Lanczos, or a 2-d array/tensor
     (resized to the nearest pixel); then ≥ 0.5 → 1, else 0. Another aspect ratio than the image's is refused
     (diffusers would stretch the mask without a word)."""
-    masks = list(masks) if isinstance(masks, (list, tuple)) else [masks]
+    masks = as_list(masks)
     if len(masks) != count:
         raise ValueError(f"ip_masks: expected {count} mask(s), one per image prompt, got {len(masks)}")
     return torch.stack([_load_mask(m, k, height, width) for k, m in enumerate(masks)])

@@ -24,8 +24,8 @@ from minipa.config import read_config, read_json
 from minipa.ddim import DDIMScheduler
 from minipa.ddpm import NoiseSchedule, ScheduleConfig
 from minipa.guidance import check_guidance_scale, classifier_free_guidance
-from minipa.image_prompt import (FEATURE_KINDS, ImagePrompt, check_combine, check_ip_steps, combine, encoder_fingerprint,
-                                 image_prompt_active, load_masks)
+from minipa.image_prompt import (FEATURE_KINDS, ImagePrompt, as_list, check_combine, check_ip_steps, combine,
+                                 encoder_fingerprint, image_prompt_active, load_masks)
 from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
 from minipa.ip_scale import set_ip_masks, set_ip_scale
 from minipa.loading import (component_folder, load_image_encoder, load_ip_adapter, load_text_encoder, load_tokenizer,
@@ -94,10 +94,10 @@ class Pipeline:
         """Run the image encoder once, for the image prompt(s) and the unconditional branch (the negative image
         prompt(s), or "no image"): an `ImagePrompt` to pass as `ip_embeds=`, or to `.save()` and reuse."""
         self._check_adapter("ip_image")
-        features = self.encode_image(_as_list(ip_image))  # (n, E) or (n, L, E)
+        features = self.encode_image(as_list(ip_image))  # (n, E) or (n, L, E)
         if negative_ip_image is None:
             negative = uncond_image_features(self.image_encoder, features[:1], self._plus)
-        elif len(negatives := _as_list(negative_ip_image)) not in (1, len(features)):
+        elif len(negatives := as_list(negative_ip_image)) not in (1, len(features)):
             raise ValueError(f"negative_ip_image: expected 1 image or {len(features)} (one per image prompt), got {len(negatives)}")
         else:
             negative = self.encode_image(negatives)
@@ -246,9 +246,6 @@ def denoise(unet, scheduler: NoiseSchedule, x: torch.Tensor, context: torch.Tens
                                      f"with dtype={x.dtype} try torch.float32, or a lower guidance_scale")
     return x
 
-
-def _as_list(images) -> list:
-    return list(images) if isinstance(images, (list, tuple)) else [images]
 
 
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
