@@ -115,7 +115,83 @@ ASSIGNMENTS = (
         weights={"test_loss_is_mean_squared_noise_error": 4},
     ),
     Assignment(
-        3, "The DDIM step", "minipa/ddim.py", "DDIMScheduler.step",
+        3, "The sinusoidal timestep embedding", "minipa/embeddings.py", "timestep_embedding",
+        task="return the (B, dim) float32 code of the timesteps: with half = dim // 2 frequencies ω_i = "
+             "max_period^(−i/(half − freq_shift)), i = 0 … half − 1, the angles t·ω (B, half) give [cos, sin] when "
+             "flip_sin_to_cos (SD 1.5), else [sin, cos], side by side; an odd dim gets one zero channel at the end.",
+        teaches="how the UNet is told which noise level t it is looking at in ε_θ(x_t, c, t): a fixed code of sines and "
+                "cosines at geometrically spaced frequencies, the Transformer's positional encoding with t for the position",
+        hints=("`torch.exp(-math.log(max_period) * i / (half - freq_shift))` gives every ω_i at once, from 1 down to about 1/max_period.",
+               "`timesteps.float()[:, None] * omega[None, :]` is the (B, half) table of angles t·ω.",
+               "`torch.cat([cos, sin], dim=-1)`; `F.pad(emb, (0, 1))` adds the zero channel of an odd width."),
+        tests=("tests/test_timestep_embedding.py::test_at_t_zero_the_code_is_cos_one_then_sin_zero",
+               "tests/test_timestep_embedding.py::test_without_the_flip_the_code_is_sin_then_cos",
+               "tests/test_timestep_embedding.py::test_the_frequencies_fall_geometrically_from_one",
+               "tests/test_timestep_embedding.py::test_freq_shift_lowers_the_denominator_of_the_exponent",
+               "tests/test_timestep_embedding.py::test_each_timestep_of_the_batch_gets_its_own_row",
+               "tests/test_timestep_embedding.py::test_an_odd_width_ends_with_one_zero_channel",
+               "tests/test_timestep_embedding.py::test_the_code_is_float32_whatever_the_timesteps",
+               "tests/test_unet.py::test_timestep_embedding_matches_diffusers",
+               "tests/test_unet.py::test_noise_prediction_matches_diffusers",
+               "tests/test_unet.py::test_timestep_as_int_0d_tensor_or_batch_tensor"),
+        points=10, prerequisites=(), minutes=25,
+        goal="the sinusoidal code of the timesteps that tells the UNet the t of ε_θ(x_t, c, t) (paper §3.1), as diffusers' "
+             "get_timestep_embedding computes it: cos and sin of t at dim // 2 frequencies falling geometrically from 1 "
+             "towards 1/max_period (freq_shift lowers the exponent's denominator), [cos, sin] when flip_sin_to_cos (SD 1.5), "
+             "an odd width padded with one zero. Shapes: timesteps (B,) int or float → (B, dim) float32.",
+        # the whole UNet reads t through this code: the UNet's parity tests are its end-to-end check
+        weights={"test_timestep_embedding_matches_diffusers": 3, "test_noise_prediction_matches_diffusers": 5},
+    ),
+    Assignment(
+        4, "Reading the model's output: x̂0 and ε̂", "minipa/ddpm.py", "x0_and_eps",
+        task="return (x̂0, ε̂) from the model's output at x_t = α·x0 + σ·ε (α = √ᾱ_t, σ = √(1−ᾱ_t)): for \"epsilon\", "
+             "x̂0 = (x_t − σ·ε̂)/α (paper eq. 1 solved for x0) and ε̂ the output itself; for \"v_prediction\" "
+             "(v = α·ε − σ·x0), x̂0 = α·x_t − σ·v̂ and ε̂ = α·v̂ + σ·x_t.",
+        teaches="what a noise prediction says about the clean image: every sampler here (DDIM, DDPM, DPM-Solver++) steps "
+                "from the x̂0 and ε̂ read off paper eq. 1",
+        hints=("`alpha` and `sigma` are already the square roots √ᾱ_t and √(1−ᾱ_t).",
+               "For v-prediction write x_t and v in terms of x0 and ε and solve the two equations; α² + σ² = 1 makes it short.",
+               "Check yourself: α·x̂0 + σ·ε̂ must give x_t back."),
+        tests=("tests/test_x0_and_eps.py::test_eps_prediction_x0_solves_paper_eq1_for_x0",
+               "tests/test_x0_and_eps.py::test_eps_prediction_eps_is_the_models_output",
+               "tests/test_x0_and_eps.py::test_v_prediction_x0_is_alpha_x_t_minus_sigma_v",
+               "tests/test_x0_and_eps.py::test_v_prediction_eps_is_alpha_v_plus_sigma_x_t",
+               "tests/test_x0_and_eps.py::test_x0_and_eps_put_back_together_give_x_t",
+               "tests/test_x0_and_eps.py::test_predicted_x0_equals_diffusers_for_both_kinds_of_prediction"),
+        points=10, prerequisites=(1,), minutes=20,
+        goal="the model's output read as (x̂0, ε̂) by inverting paper eq. 1 (§3.1), x_t = α·x0 + σ·ε with α = √ᾱ_t and "
+             "σ = √(1−ᾱ_t), for ε-prediction (SD 1.5) and for v-prediction (v = α·ε − σ·x0). Shapes: model_output, x_t "
+             "(B, C, H, W); alpha, sigma tensors that broadcast to them; prediction_type \"epsilon\" or \"v_prediction\" → "
+             "(x̂0, ε̂), both (B, C, H, W).",
+        # the two kinds of prediction are separate branches: only the tests that check both at once can fail either's mistake
+        weights={"test_x0_and_eps_put_back_together_give_x_t": 2, "test_predicted_x0_equals_diffusers_for_both_kinds_of_prediction": 4},
+    ),
+    Assignment(
+        5, "The DDPM step", "minipa/ddpm.py", "DDPMScheduler.step",
+        task="with prev_t (computed above; −1 after the last step): ᾱ_t, ᾱ_prev (1 before step 0), α_t = ᾱ_t/ᾱ_prev, "
+             "β_t = 1 − α_t; x0 from self._x0_and_eps; return StepOutput(x_prev, x0), x_prev = μ̃ + √β̃_t·z for t > 0 and μ̃ "
+             "at t = 0, with μ̃ = √ᾱ_prev·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_prev)/(1−ᾱ_t)·x_t and β̃_t = (1−ᾱ_prev)/(1−ᾱ_t)·β_t "
+             "(DDPM eq. 6–7).",
+        teaches="how ancestral sampling walks back a step at a time, drawing x_prev from the Gaussian posterior q(x_prev | x_t, x0)",
+        hints=("With n < T inference steps one step spans T/n training steps: α_t = ᾱ_t/ᾱ_prev, not alphas[t].",
+               "`self._x0_and_eps(model_output, x_t, ᾱ_t)` reads the model output as (x0, ε).",
+               "Draw z with `_noise_like(model_output, generator)` and scale it by the standard deviation √β̃_t "
+               "(clamp β̃_t at 1e-20 first, as diffusers does)."),
+        tests=("tests/test_ddpm.py::test_ddpm_step_is_the_posterior_mean_of_ddpm_eq7",
+               "tests/test_ddpm.py::test_ddpm_step_noise_has_the_posterior_standard_deviation",
+               "tests/test_ddpm.py::test_ddpm_last_step_to_t_zero_adds_no_noise",
+               "tests/test_ddpm.py::test_ddpm_noise_has_the_sample_dtype",
+               "tests/test_ddpm.py::test_ddpm_steps_equal_diffusers"),
+        points=10, prerequisites=(1, 4), minutes=30,
+        goal="one ancestral DDPM step from x_t to prev_t, the next of the inference timesteps (paper §3.1's sampler; DDPM eq. "
+             "6–7): the posterior's mean plus its standard deviation times noise drawn from `generator`, over a stretch of "
+             "T/n training steps, with no noise at t = 0. Shapes: model_output, x_t (B, C, H, W); t an int of self.timesteps, "
+             "prev_t an int (−1 after the last) → StepOutput(prev_sample, pred_original_sample), both (B, C, H, W).",
+        weights={"test_ddpm_step_is_the_posterior_mean_of_ddpm_eq7": 2, "test_ddpm_step_noise_has_the_posterior_standard_deviation": 2,
+                 "test_ddpm_last_step_to_t_zero_adds_no_noise": 2, "test_ddpm_steps_equal_diffusers": 5},
+    ),
+    Assignment(
+        6, "The DDIM step", "minipa/ddim.py", "DDIMScheduler.step",
         task="return StepOutput(x_prev, x0) with x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε + σ·z and "
              "σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) (DDIM eq. 12 and 16); x0, ε from self._x0_and_eps.",
         teaches="how a fast sampler jumps from t to an earlier timestep, and SD 1.5's conventions for the last step",
@@ -133,14 +209,14 @@ ASSIGNMENTS = (
             "tests/test_ddim.py::test_steps_to_t_zero_and_clipped_samples_equal_diffusers",
             "tests/test_ddim.py::test_full_50_step_loop_equals_diffusers",
         ),
-        points=15, prerequisites=(1,), minutes=45,
+        points=15, prerequisites=(1, 4), minutes=45,
         goal="one DDIM step from x_t to the previous of the n inference timesteps, for any η ≥ 0 (paper §3.1's fast sampler; DDIM eq. 12 and 16), with SD 1.5's convention after the last step (set_alpha_to_one). Shapes: model_output, x_t (B, C, H, W); t an int of self.timesteps → StepOutput(prev_sample, pred_original_sample), both (B, C, H, W).",
         # η > 0 (the σ terms) is half of the step: its test outweighs the others, or σ's mistakes would pass at η = 0
         weights={"test_ddim_step_with_eta_has_the_direction_and_noise_terms_of_ddim_eq12": 7, "test_every_step_equals_diffusers": 4,
                  "test_full_50_step_loop_equals_diffusers": 2},
     ),
     Assignment(
-        4, "Classifier-free guidance", "minipa/guidance.py", "classifier_free_guidance",
+        7, "Classifier-free guidance", "minipa/guidance.py", "classifier_free_guidance",
         task="return ε̂ = ε_u + w·(ε_c − ε_u), which is paper eq. 2 ε̂ = w·ε_c + (1−w)·ε_u; for w = 1 return eps_cond itself.",
         teaches="how one model trained with and without its prompt is pushed towards the prompt at sampling time",
         hints=("Both forms are equal; the step form (ε_u + w·Δ) is what diffusers computes, so it matches to the last bit.",
@@ -157,7 +233,31 @@ ASSIGNMENTS = (
         weights={"test_both_forms_of_paper_eq2_agree": 4},
     ),
     Assignment(
-        5, "Scaled dot-product attention", "minipa/attention.py", "attention (explicit path)",
+        8, "The sampling loop with guidance", "minipa/pipeline.py", "denoise",
+        task="at this step's t: ε = unet(x, or [x; x] with guidance, t, context, image_tokens=tokens); with guidance "
+             "split ε into (ε_u, ε_c), the batch being [unconditional; conditional], and combine them with "
+             "classifier_free_guidance (paper eq. 2); then x = scheduler.step(ε̂, t, x, generator=generator, "
+             "**step_options).prev_sample.",
+        teaches="how the pieces meet at sampling time: one UNet pass gives both predictions, guidance combines them, the "
+                "sampler takes the step, once per timestep",
+        hints=("`use_cfg` says whether to guide; then `context` already holds 2B rows, [unconditional; conditional].",
+               "`torch.cat([x, x])` doubles the batch; `eps.chunk(2)` splits the output back in the same order.",
+               "The step returns an object: keep `.prev_sample` (x_prev), not `.pred_original_sample` (x̂0)."),
+        tests=("tests/test_sampling_loop.py::test_the_loop_asks_the_unet_at_every_timestep",
+               "tests/test_sampling_loop.py::test_with_guidance_the_unet_sees_x_twice_with_the_whole_context",
+               "tests/test_sampling_loop.py::test_the_scheduler_steps_with_the_guided_eps",
+               "tests/test_sampling_loop.py::test_without_guidance_the_unet_runs_once_on_the_batch",
+               "tests/test_sampling_loop.py::test_each_step_starts_from_the_previous_steps_sample",
+               "tests/test_sampling_loop.py::test_the_loop_equals_diffusers_on_the_tiny_model"),
+        points=10, prerequisites=(6, 7), minutes=25,
+        goal="one timestep t of the sampling loop (paper §3.1: classifier-free guidance, eq. 2, with a fast sampler): the "
+             "unconditional and conditional predictions in one UNet pass when guiding (use_cfg), guided, then the "
+             "scheduler's step to x_prev; `tokens` are this step's image tokens. Shapes: x (B, C, h, w); context ([2]B, 77, D); "
+             "tokens None or ([2]B, n·N, D) → x for the next timestep, (B, C, h, w).",
+        weights={"test_the_scheduler_steps_with_the_guided_eps": 2, "test_the_loop_equals_diffusers_on_the_tiny_model": 5},
+    ),
+    Assignment(
+        9, "Scaled dot-product attention", "minipa/attention.py", "attention (explicit path)",
         task="return Softmax(QKᵀ/√d)·V over the last two axes (q: (B, heads, Lq, d), k, v: (B, heads, Lk, d)), "
              "with scores set to −inf where the bool mask is False.",
         teaches="the one equation inside every transformer here: the UNet, the VAE's middle, both CLIP towers",
@@ -186,7 +286,29 @@ ASSIGNMENTS = (
                  "test_text_encoder_causal_mask_explicit_and_sdpa_agree": 4},
     ),
     Assignment(
-        6, "The BPE merge loop", "minipa/tokenizer.py", "CLIPTokenizer.bpe",
+        10, "The VAE's reparameterised sample", "minipa/vae.py", "DiagonalGaussian.sample",
+        task="return z = μ + σ·ε with ε ~ N(0, I) drawn from `generator`, shaped like self.mean (B, C, h, w) on its device "
+             "and dtype; μ = self.mean, σ = self.std = exp(½·logvar).",
+        teaches="how the VAE's encoder gives a distribution rather than a point, and why z is written μ + σ·ε: so that "
+                "gradients reach the encoder through the sample (the reparameterisation trick)",
+        hints=("`torch.randn(self.mean.shape, generator=generator, device=…, dtype=…)` draws ε; diffusers draws the same numbers for the same seed.",
+               "self.std is σ = exp(½·logvar), already computed; σ² would be the variance.",
+               "torch.normal(μ, σ) draws the same numbers but no gradient reaches μ or σ through it."),
+        tests=("tests/test_vae.py::test_sample_draws_its_noise_from_the_generator",
+               "tests/test_vae.py::test_sample_scales_the_noise_by_the_standard_deviation",
+               "tests/test_vae.py::test_each_latent_gets_its_own_noise",
+               "tests/test_vae.py::test_gradients_reach_the_mean_and_the_log_variance_through_the_sample",
+               "tests/test_vae.py::test_posterior_sample_equals_diffusers"),
+        points=5, prerequisites=(), minutes=15,
+        goal="a sample of the encoder's posterior q(z|x) = N(μ, diag σ²) that is a differentiable function of μ and logvar (the "
+             "reparameterisation trick), its noise drawn from `generator` as diffusers draws it (paper §3.1: SD is latent "
+             "diffusion over this autoencoder). Shapes: self.mean, self.std (B, C, h, w); generator a torch.Generator or None → "
+             "z (B, C, h, w) in the mean's dtype.",
+        # a sampler without the trick (torch.normal) gives the very same numbers: only the gradient test can tell
+        weights={"test_gradients_reach_the_mean_and_the_log_variance_through_the_sample": 5},
+    ),
+    Assignment(
+        11, "The BPE merge loop", "minipa/tokenizer.py", "CLIPTokenizer.bpe",
         task="repeatedly merge, everywhere in `symbols`, the adjacent pair with the lowest rank in self.ranks "
              "(merges.txt order), until one symbol is left or no adjacent pair has a rank.",
         teaches="how CLIP's byte-pair encoding turns a word into vocabulary entries, exactly as SD 1.5's tokenizer does",
@@ -212,7 +334,7 @@ ASSIGNMENTS = (
         weights={"test_ids_and_masks_equal_transformers_on_corpus": 4, "test_unpadded_encode_equals_transformers": 2},
     ),
     Assignment(
-        7, "The image projection", "minipa/ip_adapter.py", "ImageProjection.forward",
+        12, "The image projection", "minipa/ip_adapter.py", "ImageProjection.forward",
         task="image embedding (B, E) → self.proj → (B, N·D) → reshape to (B, N, D) → self.norm: "
              "the N = 4 image tokens c_i of paper §3.2.1 (Linear + LayerNorm).",
         teaches="how one global CLIP image embedding becomes a few tokens the UNet's cross-attention can read",
@@ -230,7 +352,7 @@ ASSIGNMENTS = (
         weights={"test_mlp_projection_equals_diffusers_faceid_projection": 2, "test_image_projection_equals_diffusers": 4},
     ),
     Assignment(
-        8, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",
+        13, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",
         task="return Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′ (paper §3.2.2, with §3.2.3's inference weight λ = scale) using attention(); "
              "λ = 0 must return the text attention alone, exactly.",
         teaches="the IP-Adapter's one idea: a second attention over image tokens that shares the query",
@@ -244,12 +366,52 @@ ASSIGNMENTS = (
             "tests/test_ip_adapter.py::test_the_image_branch_is_added_with_weight_lambda",
             "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]",
         ),
-        points=10, prerequisites=(5, 7), minutes=30,
+        points=10, prerequisites=(9, 12), minutes=30,
         goal="decoupled cross-attention, paper §3.2.2: Z_new = Softmax(QKᵀ/√d)V + Softmax(QK′ᵀ/√d)V′, with §3.2.3's inference weight λ = scale on the image branch; λ = 0 is plain attention exactly. Shapes: q (B, heads, Lq, d); k, v (B, heads, 77, d); k_ip, v_ip (B, heads, N, d) → (B, heads, Lq, d).",
         weights={"test_the_image_branch_is_added_with_weight_lambda": 2, "test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]": 4},
     ),
     Assignment(
-        9, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "renumber_levels",
+        14, "W′ ← W: initialising the image keys and values", "minipa/ip_adapter.py", "IPAdapter.init_from_text_attention",
+        task="for every (i, name, attn) of cross_attention_layers(unet), copy attn.to_k.weight into "
+             "self.layers[str(i)].to_k_ip.weight and attn.to_v.weight into self.layers[str(i)].to_v_ip.weight "
+             "(Wk′ ← Wk, Wv′ ← Wv, paper §3.2.2), in place: copies, not shared tensors.",
+        teaches="why the image branch starts as a copy of the text branch, and why a copy, not a shared tensor, keeps the "
+                "base UNet frozen while the adapter trains",
+        hints=("`cross_attention_layers(unet)` gives (official number i, module name, attention module); self.layers is keyed by str(i).",
+               "`param.copy_(other)` writes into the adapter's own parameter (the method runs under torch.no_grad()); "
+               "`module.weight = other` would share the UNet's tensor.",
+               "Only K and V have image twins: the query Wq is shared by both branches and is not copied."),
+        tests=("tests/test_ip_adapter.py::test_init_copies_each_layers_wk_into_its_wk_prime",
+               "tests/test_ip_adapter.py::test_init_copies_each_layers_wv_into_its_wv_prime",
+               "tests/test_ip_adapter.py::test_init_copies_the_weights_and_does_not_share_them",
+               "tests/test_ip_adapter.py::test_init_from_text_attention_copies_wk_and_wv"),
+        points=5, prerequisites=(13,), minutes=15,
+        goal="the paper's initialisation of the new weights (§3.2.2: only Wk′, Wv′ are new, initialised from Wk, Wv): every "
+             "cross-attention layer's Wk′, Wv′ start equal to that layer's text Wk, Wv, as the adapter's own trainable copies, "
+             "the UNet unchanged. Shapes: per layer, to_k_ip.weight and to_v_ip.weight (inner, D) ← to_k.weight and "
+             "to_v.weight (inner, D); returns None.",
+        weights={"test_init_copies_the_weights_and_does_not_share_them": 2, "test_init_from_text_attention_copies_wk_and_wv": 4},
+    ),
+    Assignment(
+        15, "The IP-Adapter training step: dropping conditions", "minipa/train/ip_adapter.py", "IPAdapterTraining.batch",
+        task="with u = b[\"u\"] ~ U[0, 1) and (p_i, p_t, p_b) = self.rates, drop the image where u < p_i, the text where "
+             "p_i ≤ u < p_i + p_t, both where p_i + p_t ≤ u < p_i + p_t + p_b; set b[\"caption\"] (self.data.empty where "
+             "the text is dropped, else self.data.caption_index[b[\"index\"]]) and b[\"keep_image\"] (0.0 where the "
+             "image is dropped, else 1.0); return b.",
+        teaches="why the adapter is trained with the image, the text or both left out now and then (5% each in the "
+                "paper): classifier-free guidance (assignment 7) needs an unconditional prediction for each at sampling time",
+        hints=("One uniform number per sample decides, so the three cases never overlap: compare u with the running sums.",
+               "`torch.where(drop_text, self.data.empty, self.data.caption_index[b[\"index\"]])` picks the caption row.",
+               "A dropped image is a zero embedding later (`forward` multiplies by keep_image), so keep_image is float."),
+        tests=("tests/test_train.py::test_keep_image_is_a_float_one_or_zero",
+               "tests/test_train.py::test_condition_dropping_follows_the_running_sums_of_the_rates",
+               "tests/test_train.py::test_condition_dropping_rates"),
+        points=10, prerequisites=(2, 7, 12), minutes=25,
+        goal="decide which condition each training sample drops, from one uniform number per sample b[\"u\"]: the image, the text or both, never overlapping, with the rates (p_i, p_t, p_b) = self.rates (the paper's recipe, 5% each). Shapes: set b[\"caption\"] (B,) caption rows (self.data.empty where the text is dropped, else the sample's own) and b[\"keep_image\"] (B,) float (0 where the image is dropped); return b.",
+        weights={"test_condition_dropping_rates": 4},
+    ),
+    Assignment(
+        16, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "renumber_levels",
         task="map encoder.down.{i} ↔ encoder.down_blocks.{i} and decoder.up.{levels−1−i} ↔ decoder.up_blocks.{i} "
              "(LDM numbers the decoder from the bottom), both ways (`to_diffusers`); return other keys unchanged.",
         teaches="how one checkpoint format is read into another by a short rule instead of a 1,000-line dictionary",
@@ -273,30 +435,12 @@ ASSIGNMENTS = (
         # the file tests read back what minipa's own rule wrote: only diffusers' converter can tell a wrong rule
         weights={"test_ldm_names_agree_with_diffusers_converter": 4, "test_full_size_ldm_keys_round_trip_and_match_diffusers_converter": 4},
     ),
-    Assignment(
-        10, "The IP-Adapter training step: dropping conditions", "minipa/train/ip_adapter.py", "IPAdapterTraining.batch",
-        task="with u = b[\"u\"] ~ U[0, 1) and (p_i, p_t, p_b) = self.rates, drop the image where u < p_i, the text where "
-             "p_i ≤ u < p_i + p_t, both where p_i + p_t ≤ u < p_i + p_t + p_b; set b[\"caption\"] (self.data.empty where "
-             "the text is dropped, else self.data.caption_index[b[\"index\"]]) and b[\"keep_image\"] (0.0 where the "
-             "image is dropped, else 1.0); return b.",
-        teaches="why the adapter is trained with the image, the text or both left out now and then (5% each in the "
-                "paper): classifier-free guidance (assignment 4) needs an unconditional prediction for each at sampling time",
-        hints=("One uniform number per sample decides, so the three cases never overlap: compare u with the running sums.",
-               "`torch.where(drop_text, self.data.empty, self.data.caption_index[b[\"index\"]])` picks the caption row.",
-               "A dropped image is a zero embedding later (`forward` multiplies by keep_image), so keep_image is float."),
-        tests=("tests/test_train.py::test_keep_image_is_a_float_one_or_zero",
-               "tests/test_train.py::test_condition_dropping_follows_the_running_sums_of_the_rates",
-               "tests/test_train.py::test_condition_dropping_rates"),
-        points=10, prerequisites=(2, 4, 7), minutes=25,
-        goal="decide which condition each training sample drops, from one uniform number per sample b[\"u\"]: the image, the text or both, never overlapping, with the rates (p_i, p_t, p_b) = self.rates (the paper's recipe, 5% each). Shapes: set b[\"caption\"] (B,) caption rows (self.data.empty where the text is dropped, else the sample's own) and b[\"keep_image\"] (B,) float (0 where the image is dropped); return b.",
-        weights={"test_condition_dropping_rates": 4},
-    ),
 )
 
 # Tests that run the code of several regions: graded by no assignment, skipped while any is blank.
 NEEDS_EVERY_ASSIGNMENT = (
-    "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[explicit]",  # 5 and 8
-    "tests/test_ip_adapter.py::test_attach_shares_weights_and_detach_restores_the_unet",  # 7 and 8
+    "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[explicit]",  # 9 and 13
+    "tests/test_ip_adapter.py::test_attach_shares_weights_and_detach_restores_the_unet",  # 12 and 13
     # the end-to-end pipeline: tokenizer, guidance, DDIM/DDPM, IP-Adapter (and LDM keys for single files);
     # the error tests among them reach the tokenizer before what they check
     *(f"tests/test_pipeline.py::test_{name}" for name in (

@@ -29,15 +29,17 @@ def timestep_embedding(
     """
     if timesteps.ndim != 1:
         raise ValueError(f"timesteps must be 1-D (B,), got shape {tuple(timesteps.shape)}")
+    # BEGIN ASSIGNMENT 3
     half = dim // 2
     i = torch.arange(half, dtype=torch.float32, device=timesteps.device)
-    omega = torch.exp(-math.log(max_period) * i / (half - freq_shift))  # (half,)
+    omega = torch.exp(-math.log(max_period) * i / (half - freq_shift))  # ω_i = max_period^(−i/(half − shift)): (half,)
     angles = timesteps.float()[:, None] * omega[None, :]  # t·ω: (B, half)
     sin, cos = torch.sin(angles), torch.cos(angles)
     emb = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)  # (B, 2·half)
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # odd width: one zero channel at the end
     return emb
+    # END ASSIGNMENT 3
 
 
 class TimestepEmbedding(nn.Module):

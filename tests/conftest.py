@@ -274,3 +274,38 @@ def diffusers_pipeline(world, adapter: str | None = None):
             feature_extractor=CLIPImageProcessor(),
         )
     return pipe
+
+
+def x0_and_eps_of_the_tests(model_output, x_t, alpha, sigma, prediction_type):
+    """(x̂0, ε̂) as minipa.ddpm.x0_and_eps computes them (a course assignment), written here once more."""
+    if prediction_type == "epsilon":
+        return (x_t - sigma * model_output) / alpha, model_output
+    return alpha * x_t - sigma * model_output, alpha * model_output + sigma * x_t
+
+
+@pytest.fixture
+def lend_x0_and_eps(monkeypatch):
+    """The samplers' tests lend them the tests' own x̂0/ε reading, so that they grade the sampler's step alone: reading
+    the model output is an assignment of its own (tests/test_x0_and_eps.py), and a test runs one assignment's code."""
+    import minipa.ddpm
+    import minipa.dpm_solver
+
+    monkeypatch.setattr(minipa.ddpm, "x0_and_eps", x0_and_eps_of_the_tests)
+    monkeypatch.setattr(minipa.dpm_solver, "x0_and_eps", x0_and_eps_of_the_tests)
+
+
+def timestep_embedding_of_the_tests(timesteps, dim, flip_sin_to_cos=True, freq_shift=0.0, max_period=10000.0):
+    """minipa.embeddings.timestep_embedding (a course assignment), as diffusers computes it."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    return get_timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift, max_period=max_period)
+
+
+@pytest.fixture
+def lend_timestep_embedding(monkeypatch):
+    """Tests of something else that runs a whole UNet (loading, attention paths, the adapter) lend it diffusers' timestep
+    embedding: the embedding is an assignment of its own (tests/test_timestep_embedding.py), and a test runs one
+    assignment's code."""
+    import minipa.unet
+
+    monkeypatch.setattr(minipa.unet, "timestep_embedding", timestep_embedding_of_the_tests)

@@ -20,7 +20,7 @@ def _qkv(b=2, heads=4, lq=7, lk=11, d=16, seed=0):
     return [torch.randn(b, heads, n, d, generator=g) for n in (lq, lk, lk)]
 
 
-# ─── The explicit path, Softmax(QKᵀ/√d)V (course assignment 5): one test per property ──────────────
+# ─── The explicit path, Softmax(QKᵀ/√d)V (a course assignment): one test per property ──────────────
 
 
 def explicit_weights(q, k, mask=None):

@@ -208,7 +208,7 @@ def test_assignments_readme_reads_as_a_course(student):
 def test_full_tree_scores_full_marks(capsys):
     summary = course.grade(ROOT, json=True)
     printed = json.loads(capsys.readouterr().out)
-    assert printed == summary and summary["points"] == summary["max_points"] == 100
+    assert printed == summary and summary["points"] == summary["max_points"] == sum(a.points for a in ASSIGNMENTS)
     for a, row in zip(ASSIGNMENTS, summary["assignments"]):
         assert row["passed"] == row["total"] >= len(a.tests), row
         for pattern in a.tests:  # every listed test exists (a typo would be reported as "error", not passed)
@@ -285,10 +285,10 @@ def test_a_copy_tells_student_work_from_the_reference_even_when_graded_by_its_ow
 def test_cli_grades_the_student_copy_and_each_assignment_alone(student, capsys):
     assert cli(["course", "grade", str(student), "--json"]) == 1
     summary = json.loads(capsys.readouterr().out)
-    assert summary["points"] == 0 and summary["max_points"] == 100 and summary["note"] is None
+    assert summary["points"] == 0 and summary["max_points"] == sum(a.points for a in ASSIGNMENTS) and summary["note"] is None
     for row in summary["assignments"]:
         assert row["passed"] == 0 and all(t["message"].startswith(STUB.format(row["number"])) for t in row["tests"])
-    a = ASSIGNMENTS[3]  # cfg: the quickest to grade
+    a = ASSIGNMENTS[3]  # x̂0 and ε̂: among the quickest to grade
     stubbed = put_back(student, a)
     try:
         assert cli(["course", "grade", str(student), "--assignment", str(a.number)]) == 0

@@ -11,6 +11,8 @@ from minipa.ddim import DDIMScheduler
 from minipa.ddpm import ScheduleConfig
 from minipa.schedulers import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("lend_x0_and_eps")  # x̂0/ε are another assignment (conftest.py)
+
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
             clip_sample=False, set_alpha_to_one=False)
 
@@ -34,7 +36,7 @@ def test_sd15_leading_spacing_with_offset():
     assert s.timesteps[0] == 981 and s.timesteps[-1] == 1 and len(s.timesteps) == 50
 
 
-# ─── The DDIM step (course assignment 3): one test per term of DDIM eq. 12, then the proof ─────
+# ─── The DDIM step (a course assignment): one test per term of DDIM eq. 12, then the proof ─────
 # Each test reads the coefficients of the step's output back by least squares over the sample's elements
 # (x̂0 = c_x·x_t + c_ε·ε; x_prev = a·x̂0 + b·ε + c·z), so that a message can say which term is wrong.
 

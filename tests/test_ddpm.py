@@ -10,6 +10,8 @@ from diffusers import DDPMScheduler as RefDDPM
 from minipa.config import ConfigError, read_config
 from minipa.ddpm import DDPMScheduler, ScheduleConfig, add_noise, diffusion_loss, make_betas, velocity
 
+pytestmark = pytest.mark.usefixtures("lend_x0_and_eps")  # x̂0/ε are another assignment (conftest.py)
+
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, clip_sample=False)
 
 
@@ -25,7 +27,7 @@ def test_betas_and_alphas_cumprod_equal_diffusers(schedule):
     assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
 
 
-# ─── Paper eq. 1, the forward process (course assignment 1): one test per property, then the proof ──────
+# ─── Paper eq. 1, the forward process (a course assignment): one test per property, then the proof ──────
 
 
 def which(value: float, candidates: dict[str, float]) -> str:
@@ -100,7 +102,7 @@ def test_velocity_equals_diffusers():
     torch.testing.assert_close(velocity(x0, eps, t, DDPMScheduler().alphas_cumprod), ref.get_velocity(x0, eps, t), rtol=0, atol=1e-6)
 
 
-# ─── The training loss of paper eq. 1 (course assignment 2) ────────────────────────────────────
+# ─── The training loss of paper eq. 1 (a course assignment) ────────────────────────────────────
 
 
 def test_loss_can_be_backpropagated():
@@ -160,6 +162,72 @@ def test_timesteps_equal_diffusers(spacing):
         ours.set_timesteps(n)
         ref.set_timesteps(n)
         assert torch.equal(ours.timesteps, ref.timesteps), (spacing, n)
+
+
+# ─── The DDPM step, DDPM eq. 7 (a course assignment): the mean, the noise, the last step, then diffusers ─────
+
+
+def posterior(s: DDPMScheduler, t: int, prev_t: int, x_t: torch.Tensor, eps: torch.Tensor):
+    """DDPM eq. 6–7 for a step from t to prev_t (ε-prediction): (μ̃, β̃), with α_t = ᾱ_t/ᾱ_prev for the whole stretch."""
+    abar_t = s.alphas_cumprod[t]
+    abar_prev = s.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)
+    alpha_t = abar_t / abar_prev
+    x0 = (x_t - (1 - abar_t) ** 0.5 * eps) / abar_t**0.5
+    mean = abar_prev**0.5 * (1 - alpha_t) / (1 - abar_t) * x0 + alpha_t**0.5 * (1 - abar_prev) / (1 - abar_t) * x_t
+    return mean, (1 - abar_prev) / (1 - abar_t) * (1 - alpha_t)
+
+
+def mean_and_std_of_the_step(s: DDPMScheduler, t: int, x_t: torch.Tensor, eps: torch.Tensor):
+    """Your step's μ and σ, read from two steps with z₁, z₂ drawn from generators seeded 1 and 2: x_prev = μ + σ·z."""
+    z1, z2 = (torch.randn(eps.shape, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2))
+    out1, out2 = (s.step(eps, t, x_t, generator=torch.Generator().manual_seed(seed)).prev_sample for seed in (1, 2))
+    std = float(((out1 - out2) / (z1 - z2)).median())
+    return out1 - std * z1, std
+
+
+def ddpm_case(seed=0, **settings):
+    s = DDPMScheduler(ScheduleConfig(**settings))
+    s.set_timesteps(10)  # leading: 901, 801, …, 1: each step spans 100 training steps
+    g = torch.Generator().manual_seed(seed)
+    return s, torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+
+
+def test_ddpm_step_is_the_posterior_mean_of_ddpm_eq7():
+    s, x_t, eps = ddpm_case()
+    t, prev_t = 501, 401
+    mean, _ = mean_and_std_of_the_step(s, t, x_t, eps)
+    expected, _ = posterior(s, t, prev_t, x_t, eps)
+    if (mean - expected).abs().max() < 1e-4:
+        return
+    abar_t, abar_prev, alpha_one = s.alphas_cumprod[t], s.alphas_cumprod[prev_t], s.alphas[t]  # α of one training step
+    x0 = (x_t - (1 - abar_t) ** 0.5 * eps) / abar_t**0.5
+    one_step = abar_prev**0.5 * (1 - alpha_one) / (1 - abar_t) * x0 + alpha_one**0.5 * (1 - abar_prev) / (1 - abar_t) * x_t
+    why = ("you used α_t = alphas[t] of one training step, but this step spans t = 501 → 401: use α_t = ᾱ_t/ᾱ_prev and β_t = 1 − α_t"
+           if (mean - one_step).abs().max() < 1e-3 else "check the coefficients of x̂0 (√ᾱ_prev·β_t/(1−ᾱ_t)) and of x_t (√α_t·(1−ᾱ_prev)/(1−ᾱ_t))")
+    pytest.fail(f"DDPM step t = 501 → 401 of 10: the mean of x_prev is not the posterior mean μ̃ of DDPM eq. 7 "
+                f"(off by {float((mean - expected).abs().max()):.3g}): {why}")
+
+
+def test_ddpm_step_noise_has_the_posterior_standard_deviation():
+    s, x_t, eps = ddpm_case()
+    t, prev_t = 501, 401
+    _, std = mean_and_std_of_the_step(s, t, x_t, eps)
+    _, variance = posterior(s, t, prev_t, x_t, eps)
+    beta = 1 - s.alphas_cumprod[t] / s.alphas_cumprod[prev_t]
+    if abs(std - float(variance) ** 0.5) < 1e-5:
+        return
+    why = ("you scaled z by the variance β̃_t; scale it by the standard deviation √β̃_t" if abs(std - float(variance)) < 1e-5 else
+           "you used β_t (\"fixed_large\"); SD 1.5's DDPM uses the posterior variance β̃_t = (1−ᾱ_prev)/(1−ᾱ_t)·β_t" if abs(std - float(beta) ** 0.5) < 1e-5
+           else "draw z from the generator (torch.randn(shape, generator=generator)) and add √β̃_t·z")
+    pytest.fail(f"DDPM step t = 501 → 401: the noise is scaled by {std:.4g}, not √β̃_t = {float(variance) ** 0.5:.4g}: {why}")
+
+
+def test_ddpm_last_step_to_t_zero_adds_no_noise():
+    s, x_t, eps = ddpm_case(steps_offset=0)  # timesteps 900, 800, …, 0
+    first, second = (s.step(eps, 0, x_t, generator=torch.Generator().manual_seed(seed)).prev_sample for seed in (1, 2))
+    expected, _ = posterior(s, 0, -1, x_t, eps)
+    assert torch.equal(first, second), "at t = 0, the last step, DDPM adds no noise: x_prev is the posterior mean, the same for any generator"
+    assert (first - expected).abs().max() < 1e-4, "at t = 0 there is no earlier ᾱ: ᾱ_prev = 1, so x_prev is x̂0"
 
 
 @pytest.mark.parametrize("settings, n", [

@@ -11,6 +11,8 @@ from minipa.ddpm import ScheduleConfig
 from minipa.dpm_solver import DPMSolverMultistepScheduler
 from minipa.schedulers import make_scheduler
 
+pytestmark = pytest.mark.usefixtures("lend_x0_and_eps")  # x̂0/ε are another assignment (conftest.py)
+
 SPACINGS = ("leading", "linspace", "trailing")
 
 

@@ -122,7 +122,7 @@ def test_full_size_faceid_image_proj_matches_diffusers():
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
 
 
-# ─── Decoupled cross-attention, paper §3.2.2 with §3.2.3's λ (course assignment 8): one test per property ──
+# ─── Decoupled cross-attention, paper §3.2.2 with §3.2.3's λ (a course assignment): one test per property ──
 
 
 def branches(seed=0):
@@ -157,7 +157,7 @@ def test_lambda_scales_only_the_image_branch():
     for scale in (2.0, 0.5):  # λ = 2 first: at 0.5, λ and 1 − λ are the same number
         out = decoupled_attention(q, k, v, k_ip, torch.zeros_like(v_ip), scale)
         c = coefficient(out, text)
-        named = {f"λ multiplies the text branch too: λ·(text + image)": scale, "(1−λ)·text + λ·image: the text branch must keep weight 1": 1 - scale}
+        named = {"λ multiplies the text branch too: λ·(text + image)": scale, "(1−λ)·text + λ·image: the text branch must keep weight 1": 1 - scale}
         name = next((f" = {n}" for n, value in named.items() if abs(c - value) < 1e-4), "")
         assert torch.allclose(out, text, atol=1e-5), (
             f"λ must scale only the image branch: with V′ = 0 the output must be the text attention Softmax(QKᵀ/√d)V for "
@@ -250,6 +250,7 @@ def test_attach_shares_weights_and_detach_restores_the_unet(unet_and_adapter):
     assert torch.equal(unet(x, t, text), plain)
 
 
+@pytest.mark.usefixtures("lend_timestep_embedding")  # the embedding is another assignment (conftest.py)
 def test_without_image_tokens_an_attached_unet_is_plain_sd_and_a_second_adapter_replaces_the_first(unet_and_adapter):
     unet, adapter = unet_and_adapter
     x, t, text = torch.randn(1, 4, 16, 16), 300, torch.randn(1, 77, unet.config.cross_attention_dim)
@@ -286,15 +287,70 @@ def test_defaults_are_the_papers(unet_and_adapter):
     assert {layer.scale for _, _, layer in cross_attention_layers(unet)} == {1.0}
 
 
-def test_init_from_text_attention_copies_wk_and_wv(unet_and_adapter):
+# ─── W′ ← W, the paper's initialisation of the image keys and values (a course assignment) ──────────────
+
+
+def initialised(unet_and_adapter):
+    """(unet, adapter, the UNet's weights before init, the adapter's before init), after init_from_text_attention."""
     unet, adapter = unet_and_adapter
+    unet_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    adapter_before = {k: v.clone() for k, v in adapter.state_dict().items()}
     adapter.init_from_text_attention(unet)
+    return unet, adapter, unet_before, adapter_before
+
+
+def check_copied(unet, adapter, unet_before, adapter_before, which: str) -> None:
+    """Every layer's W′ (which: "k" or "v") holds that layer's text W as it was before init, with a message naming the mistake."""
+    other = {"k": "v", "v": "k"}[which]
+    for i, name, attn in cross_attention_layers(unet):
+        text_w = unet_before[f"{name}.to_{which}.weight"]
+        if not torch.equal(getattr(attn, f"to_{which}").weight, text_w):
+            pytest.fail(f"init changed the UNet's W{which} in layer {i} ({name}): copy from the UNet's text attention into the "
+                        f"adapter (W{which}′ ← W{which}); the UNet stays frozen")
+        ours = getattr(adapter.layers[str(i)], f"to_{which}_ip").weight
+        if torch.equal(ours, text_w):
+            continue
+        why = ("it holds W{0} of the same layer: K and V are swapped".format(other) if torch.equal(ours, unet_before[f"{name}.to_{other}.weight"])
+               else "it was not copied: it still holds its random initialisation"
+               if torch.equal(ours, adapter_before[f"layers.{i}.to_{which}_ip.weight"]) else "it holds something else")
+        pytest.fail(f"layer {i} ({name}): W{which}′ must start as a copy of that layer's text W{which} ({why})")
+
+
+def test_init_copies_each_layers_wk_into_its_wk_prime(unet_and_adapter):
+    check_copied(*initialised(unet_and_adapter), "k")
+
+
+def test_init_copies_each_layers_wv_into_its_wv_prime(unet_and_adapter):
+    check_copied(*initialised(unet_and_adapter), "v")
+
+
+def test_init_copies_the_weights_and_does_not_share_them(unet_and_adapter):
+    """Training moves Wk′ and Wv′ (the adapter's own parameters) and must leave the frozen Wk, Wv alone."""
+    unet, adapter, unet_before, _ = initialised(unet_and_adapter)
     for i, _, attn in cross_attention_layers(unet):
-        assert torch.equal(adapter.layers[str(i)].to_k_ip.weight, attn.to_k.weight)
-        assert torch.equal(adapter.layers[str(i)].to_v_ip.weight, attn.to_v.weight)
+        for which in ("k", "v"):
+            ours = getattr(adapter.layers[str(i)], f"to_{which}_ip").weight
+            assert isinstance(ours, torch.nn.Parameter) and ours.requires_grad, \
+                f"layer {i}: W{which}′ must stay the adapter's own trainable nn.Parameter (copy into it with .copy_())"
+    with torch.no_grad():
+        for p in adapter.parameters():  # what an optimizer step does to the adapter
+            p.add_(1.0)
+    changed = [n for n, v in unet.state_dict().items() if not torch.equal(v, unet_before[n])]
+    assert not changed, (f"copy Wk into Wk′ and Wv into Wv′ (.copy_()); do not share the UNet's tensors: training the adapter "
+                         f"changed the frozen UNet's {changed[0]}")
 
 
-# ─── The image projection, paper §3.2.1 (course assignment 7): one test per property, then diffusers ──
+def test_init_from_text_attention_copies_wk_and_wv(unet_and_adapter):
+    unet, adapter, unet_before, _ = initialised(unet_and_adapter)
+    for i, name, attn in cross_attention_layers(unet):
+        for which in ("k", "v"):
+            ours, text = getattr(adapter.layers[str(i)], f"to_{which}_ip").weight, getattr(attn, f"to_{which}").weight
+            assert torch.equal(ours, unet_before[f"{name}.to_{which}.weight"]) and torch.equal(text, unet_before[f"{name}.to_{which}.weight"]), \
+                f"layer {i}: after init W{which}′ must equal the text W{which} of the same layer, and the UNet must be unchanged"
+            assert ours.data_ptr() != text.data_ptr(), f"layer {i}: W{which}′ must be a copy of W{which}, not the same tensor (do not share them)"
+
+
+# ─── The image projection, paper §3.2.1 (a course assignment): one test per property, then diffusers ──
 
 
 def plain_projection(E=16, D=32, N=4, seed=0):

@@ -51,7 +51,7 @@ def reference(tmp_path_factory):
     return transformers.CLIPTokenizer.from_pretrained(clip_files_written_independently(tmp_path_factory.mktemp("independent")))
 
 
-# ─── The BPE merge loop (course assignment 6): one test per rule, on merge tables small enough to follow by hand ──
+# ─── The BPE merge loop (a course assignment): one test per rule, on merge tables small enough to follow by hand ──
 
 
 def bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:

@@ -146,6 +146,7 @@ def test_timestep_as_int_0d_tensor_or_batch_tensor(unet, reference):
             unet(sample, torch.tensor([1, 2, 3]), context)
 
 
+@pytest.mark.usefixtures("lend_timestep_embedding")  # the embedding is another assignment (conftest.py)
 def test_explicit_attention_agrees_with_sdpa_in_the_whole_unet(unet):
     sample, context = inputs(16, 16)
     with torch.no_grad():
@@ -155,6 +156,7 @@ def test_explicit_attention_agrees_with_sdpa_in_the_whole_unet(unet):
     assert (fast - slow).abs().max().item() < 1e-5
 
 
+@pytest.mark.usefixtures("lend_timestep_embedding")  # the embedding is another assignment (conftest.py)
 def test_bin_folder_and_dtype_conversion(reference, unet, tmp_path):
     reference.save_pretrained(tmp_path, safe_serialization=False)  # diffusion_pytorch_model.bin
     from_bin = load_unet(tmp_path)
@@ -175,6 +177,7 @@ class RecordingCrossAttention(Attention):
         return super().forward(x, context)
 
 
+@pytest.mark.usefixtures("lend_timestep_embedding")  # the embedding is another assignment (conftest.py)
 def test_image_tokens_reach_every_cross_attention(unet_folder):
     model = load_unet(unet_folder)
     blocks = [m for m in model.modules() if hasattr(m, "attn2")]
@@ -306,6 +309,7 @@ def test_tiny_ldm_mapping_is_inverted_exactly_by_diffusers_converter(reference):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.usefixtures("lend_timestep_embedding")  # the embedding is another assignment (conftest.py)
 def test_ldm_single_file_loads_and_matches_diffusers(reference, tmp_path, suffix):
     state = ldm_state_of(reference)
     state["first_stage_model.encoder.conv_in.weight"] = torch.randn(8, 3, 3, 3)  # other models in the same file

@@ -65,8 +65,6 @@ def assert_matches_reference(ours, reference):
         assert (posterior.mean - expected.mean).abs().max() < 1e-4
         assert (posterior.logvar - expected.logvar).abs().max() < 1e-4
         assert (posterior.std - expected.std).abs().max() < 1e-4
-        sample = posterior.sample(torch.Generator().manual_seed(7))
-        assert (sample - expected.sample(torch.Generator().manual_seed(7))).abs().max() < 1e-4
         assert torch.equal(posterior.mode(), posterior.mean)
         z = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(3))
         decoded = ours.decode(z)
@@ -90,7 +88,66 @@ def test_explicit_and_sdpa_attention_agree(diffusers_folder):
     assert (fast - explicit).abs().max() < 1e-5
 
 
-# ─── The levels rule of the LDM key map (course assignment 9): one test per property, then diffusers' converter ──
+# ─── The reparameterised sample z = μ + σ·ε (a course assignment): one test per property, then diffusers ─────
+
+
+def posterior_of(mean: float, logvar: float, shape=(2, 4, 16, 16), requires_grad=False):
+    from minipa.vae import DiagonalGaussian
+
+    moments = torch.cat([torch.full(shape, mean), torch.full(shape, logvar)], dim=1).requires_grad_(requires_grad)
+    return moments, DiagonalGaussian(moments)
+
+
+def test_sample_draws_its_noise_from_the_generator():
+    _, posterior = posterior_of(0.0, 0.0)
+    first, again = (posterior.sample(torch.Generator().manual_seed(7)) for _ in range(2))
+    other = posterior.sample(torch.Generator().manual_seed(8))
+    assert torch.equal(first, again) and not torch.equal(first, other), \
+        "draw ε from the generator you are given (torch.randn(shape, generator=generator, …)): the same seed must give the same z"
+
+
+def test_sample_scales_the_noise_by_the_standard_deviation():
+    _, posterior = posterior_of(3.0, 2 * torch.log(torch.tensor(2.0)).item())  # σ = exp(½·logvar) = 2, variance 4
+    z = posterior.sample(torch.Generator().manual_seed(0))
+    spread, centre = float(z.std()), float(z.mean())
+    assert abs(centre - 3.0) < 0.1, f"z must be centred on the mean μ = 3, got {centre:.2f}"
+    assert abs(spread - 2.0) < 0.1, (f"scale ε by the standard deviation σ = exp(½·logvar) = 2, not by the variance (4) "
+                                     f"or by logvar (1.39): z's spread is {spread:.2f}")
+
+
+def test_each_latent_gets_its_own_noise():
+    _, posterior = posterior_of(0.0, 0.0)
+    z = posterior.sample(torch.Generator().manual_seed(0))
+    assert not torch.equal(z[0], z[1]), "each sample of the batch needs its own ε, shaped like the mean (B, C, h, w)"
+    assert z.shape == posterior.mean.shape and z.dtype == posterior.mean.dtype
+
+
+def test_gradients_reach_the_mean_and_the_log_variance_through_the_sample():
+    """The point of the trick: z = μ + σ·ε is a differentiable function of μ and logvar (dz/dμ = 1, dz/dlogvar = ½·σ·ε),
+    ε drawn from the generator; a sampler such as torch.normal(μ, σ) gives the same numbers and no gradient."""
+    moments, posterior = posterior_of(0.5, 2 * torch.log(torch.tensor(2.0)).item(), requires_grad=True)  # σ = 2
+    weights = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
+    (posterior.sample(torch.Generator().manual_seed(0)) * weights).sum().backward()
+    eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(0))
+    d_mean, d_logvar = moments.grad.chunk(2, dim=1)
+    assert torch.allclose(d_mean, weights, atol=1e-5) and torch.allclose(d_logvar, weights * 0.5 * 2.0 * eps, atol=1e-4), \
+        ("gradients must reach μ and logvar through z (the reparameterisation trick): z = μ + σ·ε with ε drawn from the "
+         f"generator, so dz/dμ = 1 and dz/dlogvar = ½·σ·ε; a sampler such as torch.normal(μ, σ) cuts them (your dz/dμ: "
+         f"{float((d_mean / weights).mean()):.2f})")
+
+
+def test_posterior_sample_equals_diffusers(reference):
+    x = pixels()
+    with torch.no_grad():
+        expected = reference.encode(x).latent_dist.sample(torch.Generator().manual_seed(7))
+        ours = AutoencoderKL(tiny_config())
+        ours.load_state_dict(reference.state_dict())
+        sample = ours.encode(x).sample(torch.Generator().manual_seed(7))
+    assert (sample - expected).abs().max() < 1e-4, \
+        f"z differs from diffusers' latent_dist.sample with the same generator by {float((sample - expected).abs().max()):.3g}"
+
+
+# ─── The levels rule of the LDM key map (a course assignment): one test per property, then diffusers' converter ──
 
 
 def renamed(keys, levels=4, to_diffusers=True):

@@ -51,7 +51,7 @@ class IPAdapterTraining(UNetTraining):
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         """The shared draw (images, t, ε, u), then which condition each sample drops: image, text, both or none."""
         b = self.draw(generator, size)
-        # BEGIN ASSIGNMENT 10
+        # BEGIN ASSIGNMENT 15
         image_drop, text_drop, both_drop = self.rates
         u = b["u"]
         drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
@@ -59,7 +59,7 @@ class IPAdapterTraining(UNetTraining):
         b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
         b["keep_image"] = (~drop_image).float()
         return b
-        # END ASSIGNMENT 10
+        # END ASSIGNMENT 15
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         mean, std, text, embeds = self.data.rows(b["index"], b["caption"])  # text (B, 77, D); embeds (B, E) or (B, L, E)
