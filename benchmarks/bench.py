@@ -240,6 +240,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-fresh", action="store_true", help="skip the fresh-process rows (load time, peak memory)")
     parser.add_argument("--precision", action="store_true",
                         help="instead of timing: how far bfloat16 and float16 images are from float32, for both libraries")
+    parser.add_argument("--versus-float32", action="store_true",
+                        help="also time each library's end to end in float32 (once, no warm-up: the baseline of a fast dtype)")
     parser.add_argument("--child", choices=("minipa", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -269,14 +271,19 @@ def main(argv=None) -> dict:
             results[lib]["peak_memory_mb"].append(child_result["peak_bytes"] / 2**20)
     pipes = {lib: load(lib, paths, args.device, dtype, args.compile) for lib in results}
     rows = {lib: tasks(lib, pipes[lib], args.device, dtype, args.size, args.steps) for lib in results}
+    float32 = []  # --versus-float32: minipa's float32 end to end, timed in turn with the two libraries' runs
+    if args.versus_float32:  # the same files, cast up on loading
+        baseline = tasks("minipa", load("minipa", paths, args.device, torch.float32), args.device, torch.float32, args.size, args.steps)
     for name in args.rows.split(",") if args.rows else rows["minipa"]:
         for lib in results:
             timed(rows[lib][name], args.device)  # warm-up
         for _ in range(repeats):
             for lib in results:  # alternate, so background load hits both alike
                 results[lib].setdefault(name, []).append(timed(rows[lib][name], args.device))
-        print(f"{name}: minipa {statistics.median(results['minipa'][name]):.3f}  diffusers {statistics.median(results['diffusers'][name]):.3f}", flush=True)
-
+            if name == "end_to_end" and args.versus_float32:
+                float32.append(timed(baseline["end_to_end"], args.device))
+        print(f"{name}: minipa {statistics.median(results['minipa'][name]):.3f}  diffusers {statistics.median(results['diffusers'][name]):.3f}"
+              + (f"  minipa float32 {statistics.median(float32):.3f}" if float32 and name == "end_to_end" else ""), flush=True)
     report = {
         "date": date.today().isoformat(), "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(), "threads": args.threads, "dtype": args.dtype + (" + compile" if args.compile else ""),
@@ -286,8 +293,10 @@ def main(argv=None) -> dict:
         "rows": {name: {"minipa": statistics.median(results["minipa"][name]), "diffusers": statistics.median(results["diffusers"][name]),
                         "ratio": statistics.median(results["minipa"][name]) / statistics.median(results["diffusers"][name])}
                  for name in results["minipa"]},
-        "runs": results,  # every measurement, in the order taken
+        "runs": {**results, **({"minipa_float32": {"end_to_end": float32}} if float32 else {})},  # every measurement, in order
     }
+    if float32:
+        report["rows"]["end_to_end_minipa_float32"] = {"minipa": statistics.median(float32), "diffusers": None, "ratio": None}
     default = "float16" if args.device.startswith("cuda") else "float32"
     name = "smoke" if args.smoke else args.device.split(":")[0] + ("" if args.dtype == default else f"-{args.dtype}")
     write_report(report, Path(args.out), name + ("-compile" if args.compile else ""))
@@ -357,7 +366,14 @@ def write_report(report: dict, folder: Path, name: str) -> None:
     ]
     for row, r in report["rows"].items():
         unit = units.get(row, "s")
+        if r["diffusers"] is None:  # minipa's float32 baseline
+            lines.append(f"| {row} | {r['minipa']:.3f} {unit} | – | – |")
+            continue
         lines.append(f"| {row} | {r['minipa']:.3f} {unit} | {r['diffusers']:.3f} {unit} | {r['ratio']:.2f} |")
+    if "end_to_end_minipa_float32" in report["rows"]:
+        rows = report["rows"]
+        lines += ["", f"minipa end to end, {report['dtype']} / float32: "
+                      f"{rows['end_to_end']['minipa'] / rows['end_to_end_minipa_float32']['minipa']:.2f}"]
     (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

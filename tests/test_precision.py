@@ -62,6 +62,32 @@ def test_every_component_runs_in_the_dtype_asked_for(tiny_world, dtype):
     assert [t.dtype for t in (context, prompt.features, tokens, eps, pixels)] == [dtype] * 5
 
 
+@pytest.mark.parametrize(("device", "dtype", "expected"),
+                         [("cpu", torch.bfloat16, True), ("cpu", torch.float32, False), ("cuda", torch.float16, False)])
+def test_channels_last_only_where_it_was_measured_to_pay(device, dtype, expected):
+    assert precision.channels_last_pays(device, dtype) == expected
+
+
+@torch.inference_mode()
+def test_channels_last_bfloat16_changes_the_layout_not_the_result(tiny_world):
+    def unet_then_vae(pipe, dtype):
+        return pipe.vae.decode(pipe.unet(x.to(dtype), torch.tensor([500]), pipe.encode_prompt(["a red circle"]))).float()
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact = unet_then_vae(minipa.load_pipeline(tiny_world["model"]), torch.float32)
+    pipe = minipa.load_pipeline(tiny_world["model"], dtype=torch.bfloat16)
+    for name, model in (("unet", pipe.unet), ("vae", pipe.vae)):
+        convolutions = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions), name
+    fast = unet_then_vae(pipe, torch.bfloat16)
+    for model in (pipe.unet, pipe.vae):
+        model.to(memory_format=torch.contiguous_format)
+    plain = unet_then_vae(pipe, torch.bfloat16)
+    # bfloat16 rounds in another summation order, so the two differ; neither may stray further from float32
+    print(f"max |bf16 - fp32|: channels-last {(fast - exact).abs().max():.4f}, contiguous {(plain - exact).abs().max():.4f}")
+    assert (fast - exact).abs().mean() < 1.5 * (plain - exact).abs().mean() + 1e-3
+
+
 @pytest.mark.slow  # torch.compile builds C++ kernels: about 2 minutes on 2 cores, even for the tiny model
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler: torch.compile cannot run")
 def test_compiled_unet_equals_eager_within_float32_noise(tiny_world):
