@@ -472,11 +472,12 @@ NEEDS_EVERY_ASSIGNMENT = (
     # training runs the forward process, the loss, image_proj, decoupled attention and condition dropping
     "tests/test_train.py::test_ip_adapter_recipe_trains_only_the_adapter_from_text_weights",
     "tests/test_train.py::test_clip_phase_two_contrasts_each_image_with_every_caption",  # + the BPE loop
+    "tests/test_train.py::test_clip_phrasings_fit_every_image_they_describe",  # + the BPE loop
     "tests/test_train.py::test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies",  # + the BPE loop
     *(f"tests/test_train.py::test_{name}" for name in (  # these use the smoke world: every stage trained and exported
         "the_whole_world_trains_and_exports_in_the_real_formats", "exported_world_loads_and_generates_through_load_pipeline",
         "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
-        "manifest_mismatch_is_a_clear_error", "unet_batches_mix_full_partial_and_empty_captions",
+        "manifest_mismatch_is_a_clear_error", "unet_batches_mix_phrasings_and_empty_captions",
         "extra_stages_load_and_evaluate", "a_mis_shaped_ablation_file_is_named",
         "steps_option_trains_a_stage_that_many_steps",
     )),

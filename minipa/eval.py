@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minipa.data.shapes import BACKGROUNDS, ShapesDataset, clip_pixels, scene_labels, to_model_pixels
+from minipa.data.shapes import BACKGROUNDS, HELD_OUT_TEMPLATES, ShapesDataset, clip_pixels, phrase, scene_labels, to_model_pixels
 from minipa.ddim import DDIMScheduler
 from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, uncond_image_features
 from minipa.ip_scale import set_ip_scale
@@ -150,6 +150,7 @@ def evaluate(pipe, eval_file, *, n: int = 64, guidance: float = 5.0, steps: int 
     `concat_proj` (the ablation's image_proj) and `plus_adapter` (an IP-Adapter Plus) add image-prompt rows."""
     run = Evaluation(pipe, Judge(pipe, eval_file), n, guidance, steps, seed)
     rows = text_to_image_rows(run)
+    rows.update(phrasing_rows(run))
     if pipe.ip_adapter is not None:
         variants = {"ip_adapter": (pipe.ip_adapter, False)}
         if concat_proj is not None:
@@ -173,6 +174,27 @@ def text_to_image_rows(run: Evaluation) -> dict:
     images = run.generate(run.pipe.encode_prompt(prompts))
     row = {**run.judge.match(images, scene_labels(scenes)), "clip_t": run.judge.clip_t(images, prompts)}
     return {"text_to_image_heldout": row, "_examples": {"text_to_image": images[:8]}}
+
+
+def phrasing_rows(run: Evaluation) -> dict:
+    """Text → image on new images of the trained combinations, in words other than the caption form: the caption
+    without the size ("a red circle on a blue background", what people type), and the held-out templates (word
+    orders training never shows, half of them without the size too). The caption form itself is
+    `text_only_reference_test`, on the same scenes and noise."""
+    scenes = ShapesDataset("test", run.n, run.seed + 1).scenes()
+    held_out = list(HELD_OUT_TEMPLATES.values())
+    prompts = {
+        "text_to_image_test_without_size": [phrase(s.shape, s.colour, s.background, s.size, omit=("size",)) for s in scenes],
+        "text_to_image_test_new_phrasings": [phrase(s.shape, s.colour, s.background, s.size, held_out[i % len(held_out)],
+                                                    omit=("size",) if i % 2 else ()) for i, s in enumerate(scenes)],
+    }
+    if run.pipe.ip_adapter is not None:
+        set_ip_scale(run.pipe.unet, 0.0)  # λ = 0: plain SD
+    rows = {}
+    for name, texts in prompts.items():
+        images = run.generate(run.pipe.encode_prompt(texts))
+        rows[name] = {**run.judge.match(images, scene_labels(scenes)), "clip_t": run.judge.clip_t(images, [s.caption for s in scenes])}
+    return rows
 
 
 def image_prompt_rows(run: Evaluation, variants: dict) -> tuple[dict, dict]:

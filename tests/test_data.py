@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from minipa.data.shapes import (
-    BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, ShapesDataset, all_combos, caption_table, caption_words, clip_pixels,
-    held_out_combos, render, sample_scene, scene_labels, tiny_tokenizer, to_model_pixels,
+    BACKGROUNDS, COLOURS, HELD_OUT_TEMPLATES, OMISSIONS, PATTERNS, SHAPES, SIZES, TEMPLATES, Phrasings, ShapesDataset,
+    all_combos, caption_table, caption_words, clip_pixels, held_out_combos, phrase, render, sample_scene, scene_labels,
+    tiny_tokenizer, to_model_pixels, unknown_words,
 )
 from minipa.preprocess import CLIP_STD, preprocess_image
 from minipa.loading import load_tokenizer
@@ -103,6 +104,48 @@ def test_tiny_tokenizer_makes_one_token_per_caption_word_and_handles_any_text():
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(text)) == 8
     assert tok.decode(tok.encode("Ünïcødé 🐱 text!")) == "ünïcødé 🐱 text !"  # unknown words fall back to byte tokens
+
+
+def test_phrasings_say_the_caption_in_other_words():
+    assert phrase("star", "red", "blue", "small") == "a small red star on a blue background"  # the caption form
+    assert phrase("star", "red", "blue", "small", "list", omit=("size",)) == "red star, blue background"
+    assert phrase("star", "red", "blue", "small", "with") == "a blue background with a small red star"
+    assert phrase("star", "red", "blue", "small", "short", omit=("shape",)) == "a small red shape on blue"
+    assert phrase("star", "red", "blue", "small", omit=("shape", "colour", "size")) == "on a blue background"
+    assert phrase("star", "red", "blue", "small", "list", omit=("background",)) == "small red star"
+    assert phrase("star", "red", "blue", "small", "background_first") == "on a blue background, a small red star"
+    with pytest.raises(ValueError, match="keep the subject or the background"):
+        phrase("star", "red", "blue", "small", omit=("shape", "colour", "size", "background"))
+    with pytest.raises(ValueError, match="omit: expected some of"):
+        phrase("star", "red", "blue", "small", omit=("position",))
+
+
+def test_held_out_templates_are_new_orders_of_known_words():
+    """Held-out phrasings measure new word orders, not new words: every word is one training uses."""
+    trained = {phrase(*combo, size, t, omit) for combo in all_combos() for size in SIZES for t in TEMPLATES.values() for omit in OMISSIONS}
+    for name, template in HELD_OUT_TEMPLATES.items():
+        for omit in ((), ("size",)):
+            text = phrase("star", "red", "blue", "small", template, omit)
+            assert not unknown_words(text) and text not in trained, (name, text)
+    assert not [w for t in trained for w in unknown_words(t)]  # and every training word is in the tokenizer
+
+
+def test_phrasing_table_rows_name_what_they_say():
+    scenes = ShapesDataset("train", 200).scenes()
+    p = Phrasings.of(scenes)
+    assert p.index.shape == (200, len(TEMPLATES) * len(OMISSIONS)) and float(p.probs.sum()) == pytest.approx(1.0)
+    assert [p.texts[i] for i in p.index[:, 0]] == [s.caption for s in scenes]  # phrasing 0 is the caption itself
+    labels = scene_labels(scenes)
+    for n in (0, 57, 199):
+        for k in range(p.index.shape[1]):
+            row = int(p.index[n, k])
+            for a, attribute in enumerate(("shape", "colour", "background", "size")):
+                named = int(p.attributes[row, a])
+                assert named in (-1, int(labels[attribute][n])), (p.texts[row], attribute)
+                word = {"shape": SHAPES, "colour": list(COLOURS), "background": BACKGROUNDS, "size": list(SIZES)}[attribute]
+                if named >= 0 and attribute != "background":
+                    assert word[named] in p.texts[row].split() or word[named] + "," in p.texts[row].split()
+    assert len(set(p.texts)) == len(p.texts)
 
 
 def test_tiny_tokenizer_round_trips_and_matches_transformers(tmp_path):

@@ -195,10 +195,10 @@ def test_condition_dropping_rates():
         _adapter_setup(image_drop=0.5, text_drop=0.5, both_drop=0.5)
 
 
-def test_unet_batches_mix_full_partial_and_empty_captions(smoke_world):
-    """10% empty captions (for CFG), 10% partial ones (the shape alone or the background alone), and
-    each partial row's text tokens are the text encoder's output for that image's partial caption."""
-    from minipa.data.shapes import partial_captions
+def test_unet_batches_mix_phrasings_and_empty_captions(smoke_world):
+    """10% empty captions (for CFG); the rest one phrasing of the image's caption, each drawn as often as
+    `phrasing_probs` says; each row's text tokens are the text encoder's output for that phrasing."""
+    from minipa.data.shapes import Phrasings
     from minipa.loading import load_text_encoder, load_tokenizer
     from minipa.train.unet import UNetTraining
     from minipa.train.world import World
@@ -207,20 +207,20 @@ def test_unet_batches_mix_full_partial_and_empty_captions(smoke_world):
     world = World(WorldConfig.smoke(), root / "out", root / "work", resume=True, progress=False)
     data = world.diffusion_data()
     module = UNetTraining(UNet2DConditionModel(WorldConfig.smoke().unet), data)
-    b = module.batch(step_generator(0, 0), 20_000)
-    full = b["caption"] == data.caption_index[b["index"]]
+    b = module.batch(step_generator(0, 0), 40_000)
     empty = b["caption"] == data.empty
-    partial = (b["caption"][:, None] == data.partial_index[b["index"]]).any(dim=1)
-    assert bool((full ^ empty ^ partial).all())  # every row is exactly one of the three
+    which = (b["caption"][:, None] == data.phrasing_index[b["index"]])  # (B, K): which phrasings the row is
+    assert bool((empty ^ which.any(dim=1)).all())  # every row is the empty caption or a phrasing of its own image
     assert float(empty.float().mean()) == pytest.approx(0.1, abs=0.01)
-    assert float(partial.float().mean()) == pytest.approx(0.1, abs=0.01)
-    scene = world.train_set["scenes"][3]
+    caption_form = b["caption"] == data.caption_index[b["index"]]  # phrasing 0, the caption itself
+    assert float(caption_form.float().mean()) == pytest.approx(0.9 * float(data.phrasing_probs[0]), abs=0.01)
+    own = Phrasings.of([world.train_set["scenes"][3]])  # image 3's phrasings, encoded here on their own
     encoder, tokenizer = load_text_encoder(root / "out" / "text_encoder", dtype=torch.float32), load_tokenizer(root / "out" / "tokenizer")
     with torch.no_grad():
-        expected = encoder(tokenizer(list(partial_captions(scene))))
-    torch.testing.assert_close(data.text[data.partial_index[3]], expected, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="add up to more than 1"):
-        UNetTraining(module.unet, data, empty_caption_rate=0.6, partial_caption_rate=0.6)
+        expected = encoder(tokenizer(own.texts))[own.index[0]]  # (K, 77, D)
+    torch.testing.assert_close(data.text[data.phrasing_index[3]], expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="empty_caption_rate must be in"):
+        UNetTraining(module.unet, data, empty_caption_rate=1.5)
 
 
 @pytest.fixture(scope="module")
@@ -304,6 +304,8 @@ def test_extra_stages_load_and_evaluate(smoke_world):
                     plus_adapter=plus)
     for name in ("ip_adapter", "concat_ablation", "ip_adapter_plus"):
         assert 0 <= rows[f"{name}_image_only_heldout"]["all"] <= 1
+    for name in ("text_to_image_test_without_size", "text_to_image_test_new_phrasings", "text_only_reference_test"):
+        assert 0 <= rows[name]["all"] <= 1
     index, _, first = cross_attention_layers(pipe.unet)[0]
     assert first.to_k_ip is pipe.ip_adapter.layers[str(index)].to_k_ip  # the pipeline's own adapter is back
     assert load_plus_adapter(root / "nowhere", pipe) is None
@@ -438,6 +440,34 @@ def test_clip_phase_two_contrasts_each_image_with_every_caption():
     assert all(p.grad is not None for p in module.image_encoder.parameters() if p.requires_grad)
 
 
+def test_clip_phrasings_fit_every_image_they_describe():
+    """With phrasings, phase 2's candidates are the C captions and the batch's phrasings, and the target of an
+    image spreads evenly over every candidate that describes it: its caption, and each phrasing that is one of
+    its own caption's phrasings ("on a blue background" describes every image on blue)."""
+    from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
+    from minipa.data.shapes import Phrasings, caption_table, clip_resize, tiny_tokenizer
+    from minipa.train.clip import CLIPTraining
+
+    config, data = WorldConfig.smoke(), ShapesDataset("train", 16)
+    scenes = data.scenes()
+    captions, index = caption_table(scenes)
+    phrasings, tokenizer = Phrasings.of(scenes), tiny_tokenizer()
+    torch.manual_seed(0)
+    module = CLIPTraining(CLIPTextModel(config.text), CLIPVisionModelWithProjection(config.vision), clip_resize(data.images()),
+                          tokenizer(captions), index, phrasings=phrasings, phrasing_ids=tokenizer(phrasings.texts))
+    module.contrast_with_every_caption()
+    batch = module.batch(step_generator(0, 0), 64)
+    texts = captions + [phrasings.texts[p] for p in batch["phrasing"]]
+    own = [set(Phrasings.of([scenes[i]]).texts) for i in batch["index"]]
+    fits = torch.tensor([[t == captions[index[i]] if j < len(captions) else t in own[row]
+                          for j, t in enumerate(texts)] for row, i in enumerate(batch["index"])]).float()
+    assert (fits[:, len(captions):].sum(dim=1) > 1).any()  # some phrasings describe several images of the batch
+    u = module.embed_images(data.images()[batch["index"]])
+    v = module.embed_text(tokenizer(texts))
+    expected = torch.nn.functional.cross_entropy(module.logit_scale.exp() * u @ v.T, fits / fits.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(module(batch), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
     """The `clip_shapes` stage: the text side frozen, every 2nd row adds a channel-shuffled image against
     its (shape, size) prototype, and a batch split over processes uses the same rows as the whole."""
@@ -476,3 +506,23 @@ def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
     assert module.prototypes.grad.abs().sum() > 0
     halves = [local_slice(batch, r, 2)["other"][::2] for r in (0, 1)]
     assert torch.equal(torch.cat(halves), batch["other"][::2])  # the same shuffled images under torchrun
+
+
+def test_gpu_preset_is_the_tiny_recipe_with_more_unet_and_adapter_samples():
+    from minipa.train.world import GPU_SAMPLES
+
+    tiny, gpu = WorldConfig.tiny(), WorldConfig.gpu()
+    assert gpu.unet_schedule.steps == GPU_SAMPLES * tiny.unet_schedule.steps >= 3 * tiny.unet_schedule.steps
+    assert gpu.ip_schedule.steps == GPU_SAMPLES * tiny.ip_schedule.steps
+    same = dataclasses.replace(gpu, unet_schedule=tiny.unet_schedule, ip_schedule=tiny.ip_schedule)
+    assert same == tiny  # models, data and every other schedule unchanged
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_train_on_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    from minipa.cli import main
+
+    assert main(["train", "--preset", "smoke", "--device", "cuda", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                 "--no-progress"]) != 0
+    assert "PyTorch sees no CUDA GPU here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

@@ -183,6 +183,102 @@ def to_model_pixels(images) -> torch.Tensor:
     return x.movedim(-1, -3)
 
 
+# ─── The same caption in other words ──────────────────────────────────────────────────────────────
+#
+# People do not type the caption form: they leave the size out ("a red circle on a blue background"), name
+# the background first, or list the attributes. Training draws one *phrasing* of each image's caption per
+# sample: a template (word order) and a set of attributes left out. Some templates never appear in training,
+# so that an evaluation can measure how the model reads word orders it has not seen.
+
+
+@dataclass(frozen=True)
+class Template:
+    """A word order, in three forms: both parts, the subject alone, the background alone. {a} is the subject
+    with its article ("a small red star"), {s} without it ("small red star"), {bg} the background colour.
+    `share`: how often training draws it (the shares of `TEMPLATES` sum to 1)."""
+
+    full: str
+    subject: str = "{a}"
+    background: str = "on a {bg} background"
+    share: float = 0.0
+
+
+TEMPLATES = {  # what training draws from
+    "caption": Template("{a} on a {bg} background", share=0.4),  # the caption form
+    "with": Template("a {bg} background with {a}", background="a {bg} background", share=0.15),
+    "list": Template("{s}, {bg} background", subject="{s}", background="{bg} background", share=0.15),
+    "short": Template("{a} on {bg}", share=0.15),
+    "bare": Template("{s} on a {bg} background", subject="{s}", share=0.15),
+}
+HELD_OUT_TEMPLATES = {  # never in training: the evaluation's new phrasings, made of the same words
+    "background_first": Template("on a {bg} background, {a}"),
+    "with_after": Template("{a} with a {bg} background"),
+    "list_background_first": Template("{bg} background, {s}", subject="{s}", background="{bg} background"),
+}
+ATTRIBUTES = ("shape", "colour", "background", "size")
+OMISSIONS = {  # attributes left out → how often, given a template (the rates sum to 1)
+    (): 0.4, ("size",): 0.25, ("background",): 0.1, ("size", "background"): 0.05, ("colour",): 0.05,
+    ("shape",): 0.05, ("shape", "colour", "size"): 0.1,
+}
+
+
+def phrase(shape: str, colour: str, background: str, size: str, template: Template | str = "caption",
+           omit: tuple[str, ...] = ()) -> str:
+    """One phrasing of a scene's caption: phrase("star", "red", "blue", "small", "list", omit=("size",))
+    → "red star, blue background". A shape left out becomes "shape"; the subject and the background cannot both go."""
+    if isinstance(template, str):
+        template = {**TEMPLATES, **HELD_OUT_TEMPLATES}[template]
+    if bad := set(omit) - set(ATTRIBUTES):
+        raise ValueError(f"omit: expected some of {ATTRIBUTES}, got {sorted(bad)}")
+    words = [w for attribute, w in (("size", size), ("colour", colour)) if attribute not in omit]
+    no_subject = {"shape", "colour", "size"} <= set(omit)
+    if no_subject and "background" in omit:
+        raise ValueError("a phrasing must keep the subject or the background")
+    subject = " ".join(words + ["shape" if "shape" in omit else shape])
+    form = template.background if no_subject else template.subject if "background" in omit else template.full
+    return form.format(a=f"a {subject}", s=subject, bg=background)
+
+
+@dataclass
+class Phrasings:
+    """Every phrasing of a set of scenes, for training: `texts` (P,) distinct strings, `attributes` (P, 4) the
+    class index each string names (shape, colour, background, size; −1 where left out), `index` (N, K) the row
+    of `texts` of phrasing k of scene n (k runs over templates × omissions), `probs` (K,) how often k is drawn."""
+
+    texts: list[str]
+    attributes: torch.Tensor
+    index: torch.Tensor
+    probs: torch.Tensor
+
+    @classmethod
+    def of(cls, scenes: list["Scene"], templates: dict[str, Template] | None = None) -> "Phrasings":
+        templates = TEMPLATES if templates is None else templates
+        kinds = [(t, omit) for t in templates.values() for omit in OMISSIONS]
+        rows: dict[str, int] = {}  # text → its row
+        attributes, by_combo = [], {}  # by_combo: (shape, colour, background, size) → the rows of its K phrasings
+        for s in scenes:
+            combo = (s.shape, s.colour, s.background, s.size)
+            if combo not in by_combo:
+                labels = attribute_labels(s)
+                for t, omit in kinds:
+                    text = phrase(*combo, t, omit)
+                    if text not in rows:
+                        rows[text] = len(rows)
+                        attributes.append([-1 if a in omit else labels[a] for a in ATTRIBUTES])
+                by_combo[combo] = [rows[phrase(*combo, t, omit)] for t, omit in kinds]
+        shares = torch.tensor([t.share for t in templates.values()])
+        shares = shares if shares.sum() > 0 else torch.ones(len(templates))  # templates without shares: uniform
+        probs = (shares[:, None] / shares.sum() * torch.tensor(list(OMISSIONS.values()))[None, :]).flatten()  # template-major, as kinds
+        return cls(list(rows), torch.tensor(attributes), torch.tensor([by_combo[(s.shape, s.colour, s.background, s.size)]
+                                                                       for s in scenes]), probs)
+
+
+def attribute_labels(scene: "Scene") -> dict[str, int]:
+    """The class index of each captioned attribute: {"shape": 3, "colour": 0, "background": 2, "size": 0}."""
+    return {"shape": SHAPES.index(scene.shape), "colour": list(COLOURS).index(scene.colour),
+            "background": BACKGROUNDS.index(scene.background), "size": list(SIZES).index(scene.size)}
+
+
 # ─── What the tiny CLIP image tower sees ─────────────────────────────────────────────────────────
 
 
@@ -236,7 +332,7 @@ def clip_normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def caption_words() -> list[str]:
-    words = {"a", "on", "background", *SHAPES, *COLOURS, *SIZES}
+    words = {"a", "on", "with", "background", "shape", *SHAPES, *COLOURS, *SIZES}  # every word of every template
     return sorted(words)
 
 
@@ -249,7 +345,7 @@ def unknown_words(text: str) -> list[str]:
 def vocabulary_line() -> str:
     """What the tiny world's captions are made of, in one line."""
     return (f"shapes {', '.join(SHAPES)}; colours {', '.join(COLOURS)}; sizes {', '.join(SIZES)}; "
-            f"and 'background', 'a', 'on' (e.g. \"a large red circle on a blue background\")")
+            f"and 'background', 'shape', 'a', 'on', 'with' (e.g. \"a red circle on a blue background\", \"red star, green background\")")
 
 
 def tiny_tokenizer(context_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
@@ -271,15 +367,6 @@ def tiny_tokenizer(context_length: int = CONTEXT_LENGTH) -> CLIPTokenizer:
     vocab_list = list(dict.fromkeys(vocab_list)) + [START, END]
     vocab = {token: i for i, token in enumerate(vocab_list)}
     return CLIPTokenizer(vocab, merges, context_length)
-
-
-def partial_captions(scene: Scene) -> tuple[str, str]:
-    """Two captions that leave part of the scene out: the shape alone, or the background alone.
-
-    The UNet sees them now and then (`UNetTraining`), so that text can ask for part of an image and an
-    image prompt can supply the rest: "on a blue background" + a picture of a red star.
-    """
-    return f"a {scene.size} {scene.colour} {scene.shape}", f"on a {scene.background} background"
 
 
 def caption_table(scenes: list[Scene]) -> tuple[list[str], torch.Tensor]:

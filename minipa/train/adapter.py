@@ -102,7 +102,7 @@ class LiveEncoders:
     """The frozen models' outputs for each batch, computed as it is read: `DiffusionData`'s interface (`rows`),
     for datasets too large to encode ahead. Image i has caption i; caption row N (`empty`) is ""."""
 
-    partial_index = None
+    phrasing_index = phrasing_probs = None  # its captions are the dataset's own, in one wording each
 
     def __init__(self, dataset: ImageCaptions, resolution: int, pipe: Pipeline, plus: bool):
         self.dataset, self.resolution, self.pipe, self.plus = dataset, resolution, pipe, plus

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipa.data.shapes import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, SIZES, to_model_pixels
-from minipa.train.trainer import TrainingModule
+from minipa.train.trainer import TrainingModule, gather
 
 HEADS = {"shape": len(SHAPES), "colour": len(COLOURS), "background": len(BACKGROUNDS), "size": len(SIZES),
          "pattern": len(PATTERNS)}
@@ -64,7 +64,7 @@ class ClassifierTraining(TrainingModule):
                 "order": torch.randint(len(CHANNEL_ORDERS), (size,), generator=generator)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pixels = to_model_pixels(self.images[batch["index"]])  # (B, 3, H, W)
+        pixels = to_model_pixels(gather(self.images, batch["index"]))  # (B, 3, H, W)
         shuffled = shuffle_channels(pixels, batch["order"])
         recolour = batch["recolour"]
         logits = self.classifier(torch.where(recolour[:, None, None, None], shuffled, pixels) + batch["noise"])
@@ -73,7 +73,7 @@ class ClassifierTraining(TrainingModule):
         every_weight = torch.full_like(coloured, 1 / len(coloured))  # shape, size, pattern: every image
         loss = 0
         for k in HEADS:
-            per_image = F.cross_entropy(logits[k], self.labels[k][batch["index"]], reduction="none")
+            per_image = F.cross_entropy(logits[k], gather(self.labels[k], batch["index"]), reduction="none")
             loss = loss + (per_image * (colour_weight if k in COLOUR_HEADS else every_weight)).sum()
         return loss
 

@@ -23,6 +23,12 @@ the shape apart from the colours; the text tower that the UNet reads is what pha
 Captions are encoded only up to the longest one's <|endoftext|>: the text tower is causal, so the
 states there do not depend on the padding after it (the same numbers, a fraction of the work).
 
+Captions come in other words too (`Phrasings` in data/shapes.py): in phases 1 and 2 each image is also shown
+one phrasing of its caption per step, drawn as the UNet draws them ("red star, blue background", "a blue
+background with a small red star", some attributes left out). A phrasing fits every image whose attributes it
+names, so the target spreads over all of those; in phase 2 the batch's phrasings join the C captions as
+candidates. The text tower thus maps the word orders the UNet will read to the same images.
+
 What the image embedding learns is what the captions say (shape, colour, background, size), and
 nothing else: this is the global embedding IP-Adapter reads (paper §3.2.1).
 """
@@ -36,26 +42,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
-from minipa.data.shapes import clip_normalise, clip_resize
+from minipa.data.shapes import Phrasings, clip_normalise, clip_resize
 from minipa.train.classifier import CHANNEL_ORDERS, shuffle_channels
-from minipa.train.trainer import TrainingModule
+from minipa.train.trainer import TrainingModule, gather
 
 
 class CLIPTraining(TrainingModule):
     def __init__(self, text_encoder: CLIPTextModel, image_encoder: CLIPVisionModelWithProjection,
-                 pixels: torch.Tensor, caption_ids: torch.Tensor, caption_index: torch.Tensor):
+                 pixels: torch.Tensor, caption_ids: torch.Tensor, caption_index: torch.Tensor,
+                 phrasings: Phrasings | None = None, phrasing_ids: torch.Tensor | None = None):
         """pixels: (N, 3, 224, 224) uint8, the training images through `clip_resize` (resized once, 150 kB
         an image: the bicubic resize to 224 was a third of every step); caption_ids: (C, 77) token ids of
-        the distinct captions; caption_index: (N,) which caption each image has."""
+        the distinct captions; caption_index: (N,) which caption each image has. With `phrasings` (and their
+        token ids, (P, 77)) each image is also shown one phrasing of its caption per step (`Phrasings`)."""
         super().__init__()
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         width, dim = text_encoder.config.hidden_size, image_encoder.config.projection_dim
         self.text_projection = nn.Linear(width, dim, bias=False)  # CLIPModel's; SD does not ship it
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # τ, learned, as in CLIP
         self.pixels = pixels
-        longest = int(text_encoder.end_positions(caption_ids).max()) + 1
-        self.caption_ids = caption_ids[:, :longest]  # (C, L): the tower is causal, so the padding changes nothing
+        ids = caption_ids if phrasing_ids is None else torch.cat([caption_ids, phrasing_ids])
+        longest = int(text_encoder.end_positions(ids).max()) + 1  # the tower is causal, so the padding changes nothing
+        self.caption_ids = caption_ids[:, :longest]  # (C, L)
         self.caption_index = caption_index
+        self.phrasings = phrasings
+        if phrasings is not None:
+            self.phrasing_ids = phrasing_ids[:, :longest]  # (P, L)
+            self.image_attributes = phrasings.attributes[phrasings.index[:, 0]]  # (N, 4): phrasing 0 leaves nothing out
         self.every_caption = False  # phase 2, set by contrast_with_every_caption
 
     def contrast_with_every_caption(self) -> None:
@@ -65,7 +78,11 @@ class CLIPTraining(TrainingModule):
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         """Indices, not pixels: under torchrun each process gathers only the images of its own slice."""
         index = torch.randint(len(self.pixels), (size,), generator=generator)
-        return {"index": index, "captions": self.caption_index[index]}
+        b = {"index": index, "captions": self.caption_index[index]}
+        if self.phrasings is not None:
+            k = torch.multinomial(self.phrasings.probs, size, replacement=True, generator=generator)
+            b["phrasing"] = self.phrasings.index[index, k]
+        return b
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids → (B, P) unit vectors."""
@@ -86,17 +103,37 @@ class CLIPTraining(TrainingModule):
 
     def every_caption_logits(self, u: torch.Tensor) -> torch.Tensor:
         """(B, P) image embeddings → (B, C) logits against every caption (phases 2 and 3)."""
-        return self.scale() * u @ self.embed_text(self.caption_ids).T
+        return self.scale() * u @ self.embed_text(self.caption_ids.to(u.device)).T
+
+    def candidates(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The texts the batch's images are contrasted with, (C′, L) token ids, and which of them fit each
+        image, (B, C′) bool. Phase 1: the batch's own captions (or phrasings); phase 2: every caption, and the
+        batch's phrasings. A phrasing fits every image whose attributes it names (a left-out one fits any)."""
+        captions = batch["captions"]
+        if self.every_caption:
+            texts = self.caption_ids.to(captions.device)
+            fits = captions[:, None] == torch.arange(len(texts), device=captions.device)[None, :]
+        else:
+            texts, fits = gather(self.caption_ids, captions), captions[:, None] == captions[None, :]
+        if self.phrasings is None:
+            return texts, fits
+        named = gather(self.phrasings.attributes, batch["phrasing"])  # (B, 4), −1 = left out
+        image = gather(self.image_attributes, batch["index"])  # (B, 4)
+        fits_phrasing = ((named[None] == image[:, None]) | (named[None] < 0)).all(dim=-1)  # (B images, B phrasings)
+        phrasings = gather(self.phrasing_ids, batch["phrasing"])
+        if self.every_caption:
+            return torch.cat([texts, phrasings]), torch.cat([fits, fits_phrasing], dim=1)
+        return phrasings, fits_phrasing
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        u = self.embed_pixels(self.pixels[batch["index"]])  # (B, P)
-        if self.every_caption:  # phase 2: every caption is a candidate, not just the batch's
-            return F.cross_entropy(self.every_caption_logits(u), batch["captions"])
-        v = self.embed_text(self.caption_ids[batch["captions"]])  # (B, P)
-        logits = self.scale() * u @ v.T  # (B, B): image i vs caption j
-        same = (batch["captions"][:, None] == batch["captions"][None, :]).float()  # (B, B)
-        target = same / same.sum(dim=1, keepdim=True)  # symmetric pattern: rows and columns alike
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        u = self.embed_pixels(gather(self.pixels, batch["index"]))  # (B, P)
+        texts, fits = self.candidates(batch)
+        logits = self.scale() * u @ self.embed_text(texts).T  # (B, C′): image i vs text j
+        fits = fits.float()
+        loss = F.cross_entropy(logits, fits / fits.sum(dim=1, keepdim=True))  # the target spreads over every text that fits
+        if self.every_caption:  # phase 2: image → text only, every caption a candidate
+            return loss
+        return 0.5 * (loss + F.cross_entropy(logits.T, fits.T / fits.T.sum(dim=1, keepdim=True)))  # phase 1: both ways
 
 
 class ShapeTraining(CLIPTraining):
@@ -130,10 +167,10 @@ class ShapeTraining(CLIPTraining):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         B = len(batch["index"])
         other = batch["other"][:: self.every]
-        shuffled = shuffle_channels(self.pixels[other], batch["order"][:: self.every])  # (S, 3, 224, 224)
-        u = self.embed_pixels(torch.cat([self.pixels[batch["index"]], shuffled]))  # (B + S, P)
+        shuffled = shuffle_channels(gather(self.pixels, other), batch["order"][:: self.every])  # (S, 3, 224, 224)
+        u = self.embed_pixels(torch.cat([gather(self.pixels, batch["index"]), shuffled]))  # (B + S, P)
         captions = F.cross_entropy(self.every_caption_logits(u[:B]), batch["captions"])  # the text side is frozen
-        shapes = F.cross_entropy(self.scale() * u[B:] @ F.normalize(self.prototypes, dim=-1).T, self.shape_size[other])
+        shapes = F.cross_entropy(self.scale() * u[B:] @ F.normalize(self.prototypes, dim=-1).T, gather(self.shape_size, other))
         return captions + shapes
 
 

@@ -80,6 +80,9 @@ class Compute:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: PyTorch sees no CUDA GPU here (torch {torch.__version__}"
+                             f"{'' if torch.version.cuda else ', a CPU-only build'}); train on the CPU with device cpu")
         if self.precision == "fp16" and torch.device(self.device).type == "cpu":
             raise ValueError("precision fp16 needs a CUDA device (PyTorch's CPU kernels and GradScaler are not made for it); "
                              "on the CPU use bf16 or fp32")
@@ -140,6 +143,11 @@ def process_device(device: str) -> torch.device:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
+
+
+def gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of a table kept in host memory, moved to where `index` is (the batch's device)."""
+    return table[index.cpu()].to(index.device)
 
 
 def local_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:

@@ -6,10 +6,10 @@ tiny-CLIP text features.
     x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε                   (paper eq. 1, `add_noise`)
     L  = ‖ε − ε_θ(x_t, c, t)‖²                  (paper eq. 1, `diffusion_loss`)
 
-c is the caption's text tokens, replaced by the empty caption's 10% of the time, so that the same
-network also predicts ε_θ(x_t, t) for classifier-free guidance (paper eq. 2), and by a partial caption
-(the shape alone, or the background alone; `partial_captions`) another 10%, so that a prompt may leave
-part of the image to an image prompt.
+c is the text tokens of one phrasing of the caption (`Phrasings`: another word order, some attributes
+left out, "red star, blue background"), so that a prompt need not be in the caption form, and a prompt
+may leave part of the image to an image prompt ("on a blue background"); 10% of the time it is the
+empty caption's, so that the same network also predicts ε_θ(x_t, t) for classifier-free guidance (paper eq. 2).
 The VAE and the text encoder are frozen: their outputs are computed once, before training
 (`DiffusionData`), which is most of what makes this stage affordable on a CPU.
 """
@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from minipa.ddpm import NoiseSchedule, add_noise, diffusion_loss
-from minipa.train.trainer import TrainingModule
+from minipa.train.trainer import TrainingModule, gather
 from minipa.unet import UNet2DConditionModel
 
 EMPTY_CAPTION_RATE = 0.1
-PARTIAL_CAPTION_RATE = 0.1
 
 
 @dataclass
@@ -36,11 +35,12 @@ class DiffusionData:
     latent_mean: torch.Tensor  # (N, 4, 8, 8), unscaled
     latent_std: torch.Tensor  # (N, 4, 8, 8)
     scaling_factor: float
-    text: torch.Tensor  # (C + 1, 77, D): the text tokens of each distinct caption; the last row is ""
-    caption_index: torch.Tensor  # (N,) row of `text` for each image
+    text: torch.Tensor  # (C + 1, 77, D): the text tokens of each distinct caption or phrasing; the last row is ""
+    caption_index: torch.Tensor  # (N,) row of `text` with each image's caption
     image_embeds: torch.Tensor | None = None  # (N, E) tiny-CLIP image embeddings, or (N, L, E) patch features (Plus)
     uncond_image_embeds: torch.Tensor | None = None  # (E,) or (L, E): what a dropped image becomes; None = zeros
-    partial_index: torch.Tensor | None = None  # (N, P): rows of `text` with partial captions of each image
+    phrasing_index: torch.Tensor | None = None  # (N, K): rows of `text` with the K phrasings of each image's caption
+    phrasing_probs: torch.Tensor | None = None  # (K,): how often each is drawn
 
     @property
     def empty(self) -> int:
@@ -58,20 +58,19 @@ class DiffusionData:
         """The frozen models' outputs for a batch: the latent posterior (mean, std) of images `index`, the text
         tokens of captions `caption` and the image features of images `index` (None without them). The tables
         stay in host memory; the rows go to the device of `index`."""
-        device, index, caption = index.device, index.cpu(), caption.cpu()
-        embeds = None if self.image_embeds is None else self.image_embeds[index].to(device)
-        return self.latent_mean[index].to(device), self.latent_std[index].to(device), self.text[caption].to(device), embeds
+        embeds = None if self.image_embeds is None else gather(self.image_embeds, index)
+        return gather(self.latent_mean, index), gather(self.latent_std, index), gather(self.text, caption), embeds
 
 
 class UNetTraining(TrainingModule):
     def __init__(self, unet: UNet2DConditionModel, data: DiffusionData, empty_caption_rate: float = EMPTY_CAPTION_RATE,
-                 partial_caption_rate: float = PARTIAL_CAPTION_RATE, **owners: nn.Module):
+                 **owners: nn.Module):
         """`owners`: modules registered before the UNet, that own parameters it shares (see `TrainingModule`)."""
         super().__init__(**owners)
-        if empty_caption_rate + partial_caption_rate > 1:
-            raise ValueError(f"caption rates add up to more than 1: empty {empty_caption_rate} + partial {partial_caption_rate}")
+        if not 0 <= empty_caption_rate <= 1:
+            raise ValueError(f"empty_caption_rate must be in [0, 1], got {empty_caption_rate}")
         self.unet, self.data = unet, data
-        self.empty_caption_rate, self.partial_caption_rate = empty_caption_rate, partial_caption_rate
+        self.empty_caption_rate = empty_caption_rate
         self.alphas_cumprod = NoiseSchedule().alphas_cumprod  # SD 1.5's schedule (scaled_linear, T = 1000)
 
     def draw(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
@@ -87,13 +86,12 @@ class UNetTraining(TrainingModule):
         }
 
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
-        """The shared draw; then u < empty rate: the empty caption, u ≥ 1 − partial rate: a partial one."""
+        """The shared draw; then u < empty rate: the empty caption, else one phrasing of the image's caption."""
         b = self.draw(generator, size)
         caption = self.data.caption_index[b["index"]]
-        if self.data.partial_index is not None:
-            which = torch.randint(self.data.partial_index.shape[1], (size,), generator=generator)
-            partial = self.data.partial_index[b["index"], which]
-            caption = torch.where(b["u"] >= 1 - self.partial_caption_rate, partial, caption)
+        if self.data.phrasing_index is not None:
+            which = torch.multinomial(self.data.phrasing_probs, size, replacement=True, generator=generator)
+            caption = self.data.phrasing_index[b["index"], which]
         b["caption"] = torch.where(b["u"] < self.empty_caption_rate, self.data.empty, caption)
         return b
 

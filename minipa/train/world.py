@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from minipa.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 from minipa.data.shapes import (
+    Phrasings,
     ShapesDataset,
     caption_table,
     clip_pixels,
     clip_resize,
     describe_domain,
-    partial_captions,
     scene_labels,
     tiny_tokenizer,
 )
@@ -39,7 +39,7 @@ from minipa.train import export
 from minipa.train.classifier import ClassifierTraining, ShapeClassifier, classifier_accuracy
 from minipa.train.clip import CLIPTraining, ShapeTraining, retrieval_accuracy
 from minipa.train.ip_adapter import IPAdapterTraining
-from minipa.train.trainer import Schedule, distributed, fit, split_rows
+from minipa.train.trainer import Compute, Schedule, distributed, fit, split_rows
 from minipa.train.unet import DiffusionData, UNetTraining
 from minipa.train.vae import VAETraining, encode_all, psnr
 from minipa.unet import UNetConfig
@@ -49,6 +49,7 @@ from minipa.weights import sha256_of
 STAGES = ("clip", "clip_image", "clip_shapes", "vae", "vae_refine", "unet", "ip", "classifier")  # what ships; `minipa train` runs these by default
 EXTRA_STAGES = ("ablation", "ip_plus")  # experiments for the model card, run on request
 CLIP_STAGES = ("clip", "clip_image", "clip_shapes")  # the stages that read the training images resized for CLIP
+GPU_SAMPLES = 4  # the gpu preset: this many times the UNet's and the adapter's steps
 PLUS_FILE = "ip-adapter-plus.safetensors"  # the ip_plus experiment's output, in --work (not shipped)
 EVAL_FILE = "eval.safetensors"  # CLIP's text projection and the evaluation classifier (not part of SD)
 
@@ -81,13 +82,19 @@ class WorldConfig:
     clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
     vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=5e-4, warmup=20))
-    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=1e-3, ema=0.995))
-    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3, weight_decay=0.01))
+    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=4500, batch_size=64, lr=1e-3, ema=0.995))
+    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=2e-3, weight_decay=0.01))
     classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3))
 
     @classmethod
     def tiny(cls) -> "WorldConfig":
         return cls()
+
+    @classmethod
+    def gpu(cls) -> "WorldConfig":
+        """The same models and data with several times the UNet's and the adapter's samples, for a machine with a
+        GPU (`minipa train --device cuda --preset gpu`): more UNet samples are what composes held-out combinations."""
+        return cls().with_steps({"unet": GPU_SAMPLES * cls().unet_schedule.steps, "ip": GPU_SAMPLES * cls().ip_schedule.steps})
 
     @classmethod
     def smoke(cls, steps: int = 3) -> "WorldConfig":
@@ -126,21 +133,25 @@ class WorldConfig:
 class World:
     """Runs the stages of one `WorldConfig` between a work folder and an output (weights) folder."""
 
-    def __init__(self, config: WorldConfig, out: str | Path, work: str | Path, *, resume: bool = False, progress: bool = True):
+    def __init__(self, config: WorldConfig, out: str | Path, work: str | Path, *, resume: bool = False, progress: bool = True,
+                 device: str = "cpu"):
+        """`device`: where the stages train ("cuda": under torchrun, each process its GPU); the data tables, the
+        frozen models' precomputed outputs and every check and export stay on the CPU."""
         self.config, self.out, self.work = config, Path(out), Path(work)
-        self.resume, self.progress = resume, progress
-        self.rank, self.world_size = distributed()
+        self.resume, self.progress, self.compute = resume, progress, Compute(device)
+        self.rank, self.world_size = distributed(device)
         self._train = None
 
     # ── shared data ─────────────────────────────────────────────────────────────────────────────
     @property
     def train_set(self) -> dict:
-        """The training images (rendered once), their scenes and caption table."""
+        """The training images (rendered once), their scenes, caption table and phrasings."""
         if self._train is None:
             dataset = ShapesDataset("train", self.config.train_images, self.config.seed)
             scenes = dataset.scenes()
             captions, index = caption_table(scenes)
-            self._train = {"images": dataset.images(), "scenes": scenes, "captions": captions, "caption_index": index}
+            self._train = {"images": dataset.images(), "scenes": scenes, "captions": captions, "caption_index": index,
+                           "phrasings": Phrasings.of(scenes)}
         return self._train
 
     @property
@@ -177,7 +188,10 @@ class World:
         if checkpoint.exists() and not self.resume:
             raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or delete {self.work} to start over")
         torch.manual_seed(self.config.seed)  # model initialisation is reproducible too
-        return fit(module, self.seeded(schedule), checkpoint, name=stage, resume=self.resume, progress=self.progress)
+        result = fit(module, self.seeded(schedule), checkpoint, name=stage, resume=self.resume, progress=self.progress,
+                     compute=self.compute)
+        module.cpu()  # what follows a stage (its checks, the export) runs on the CPU, wherever it trained
+        return result
 
     def run(self, stages=STAGES) -> dict[str, dict]:
         records = {}
@@ -198,7 +212,7 @@ class World:
         tokenizer = tiny_tokenizer(cfg.text.max_position_embeddings)
         torch.manual_seed(cfg.seed)
         module = CLIPTraining(CLIPTextModel(cfg.text), CLIPVisionModelWithProjection(cfg.vision), self.resized_images,
-                              tokenizer(data["captions"]), data["caption_index"])
+                              tokenizer(data["captions"]), data["caption_index"], **self._phrasings(tokenizer))
         _init_clip(module)
         result = self._fit("clip", module, cfg.clip_schedule)
         metrics = self._clip_metrics(module, tokenizer)
@@ -210,7 +224,7 @@ class World:
     def stage_clip_image(self) -> dict:
         """Phase 2 of CLIP: both towers on, each image contrasted with every caption (see train/clip.py)."""
         cfg, tokenizer = self.config, load_tokenizer(self.out / "tokenizer")
-        module = self._clip_from_out(CLIPTraining, tokenizer, "clip")
+        module = self._clip_from_out(CLIPTraining, tokenizer, "clip", **self._phrasings(tokenizer))
         module.contrast_with_every_caption()
         result = self._fit("clip_image", module, cfg.clip_image_schedule)
         metrics = self._clip_metrics(module, tokenizer)
@@ -229,6 +243,11 @@ class World:
         if self.rank == 0:
             export.save_component(module.image_encoder, self.out / "image_encoder")
         return self._finish("clip_shapes", result, metrics)
+
+    def _phrasings(self, tokenizer) -> dict:
+        """What CLIPTraining needs to show each image phrasings of its caption, as the UNet sees them."""
+        phrasings = self.train_set["phrasings"]
+        return {"phrasings": phrasings, "phrasing_ids": tokenizer(phrasings.texts)}
 
     def _export_clip(self, stage: str, module: CLIPTraining) -> None:
         """Both towers to --out, in transformers' format; the text projection and τ, which SD's files do not
@@ -303,9 +322,8 @@ class World:
                   self.out / "image_encoder" / "model.safetensors"]
         # the captions are part of the cache key; their scenes need no rendering
         scenes = self._train["scenes"] if self._train else ShapesDataset("train", self.config.train_images, self.config.seed).scenes()
-        full, caption_index = caption_table(scenes)
-        partial = [partial_captions(s) for s in scenes]
-        captions = full + sorted({c for pair in partial for c in pair})  # full ones first, as caption_index counts
+        phrasings = Phrasings.of(scenes)
+        captions = phrasings.texts  # every phrasing of every caption; phrasing 0 of an image is its caption
         key = [sha256_of(p) for p in frozen] + captions  # a new frozen model or new captions: compute again
         cache = self.work / "diffusion_data.pt"
         if cache.is_file():
@@ -324,13 +342,12 @@ class World:
         packed = self._split_rows(rows, len(data["images"]))
         latent = torch.Size((vae.config.latent_channels, *encode_all(vae, data["images"][:1])[0].shape[2:]))
         mean, std, embeds = packed.split([latent.numel(), latent.numel(), packed.shape[1] - 2 * latent.numel()], dim=1)
-        row = {c: i for i, c in enumerate(captions)}
         text_encoder = load_text_encoder(self.out / "text_encoder", dtype=torch.float32)
         with torch.no_grad():
             text = text_encoder(load_tokenizer(self.out / "tokenizer")(captions + [""]))  # (C + 1, 77, D): "" last
         fields = {"latent_mean": mean.reshape(-1, *latent).contiguous(), "latent_std": std.reshape(-1, *latent).contiguous(),
-                  "scaling_factor": vae.config.scaling_factor, "text": text, "caption_index": caption_index,
-                  "image_embeds": embeds.contiguous(), "partial_index": torch.tensor([[row[c] for c in pair] for pair in partial])}
+                  "scaling_factor": vae.config.scaling_factor, "text": text, "caption_index": phrasings.index[:, 0],
+                  "image_embeds": embeds.contiguous(), "phrasing_index": phrasings.index, "phrasing_probs": phrasings.probs}
         if self.rank == 0:
             from minipa.train.trainer import save_atomically
 
@@ -445,15 +462,15 @@ def _init_vae(config: VAEConfig):
     return AutoencoderKL(config)  # PyTorch's default initialisation of every layer
 
 
-def train_world(config: WorldConfig, out, work, *, stages=STAGES, resume=False, progress=True) -> dict:
+def train_world(config: WorldConfig, out, work, *, stages=STAGES, resume=False, progress=True, device: str = "cpu") -> dict:
     started = time.perf_counter()
-    world = World(config, out, work, resume=resume, progress=progress)
+    world = World(config, out, work, resume=resume, progress=progress, device=device)
     records = world.run(stages)
     if world.rank == 0:
         total = sum(r["seconds"] for r in records.values())
         summary = {"domain": json.loads(describe_domain()), "stages": records, "training_seconds": round(total, 1),
                    "wall_seconds": round(time.perf_counter() - started, 1), "processes": world.world_size,
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "device": world.compute.device}
         export.write_json(Path(work) / "summary.json", summary)
         return summary
     return {}
