@@ -396,18 +396,18 @@ ASSIGNMENTS = (
         15, "The IP-Adapter training step: dropping conditions", "minipa/train/ip_adapter.py", "IPAdapterTraining.batch",
         task="with u = b[\"u\"] ~ U[0, 1) and (p_i, p_t, p_b) = self.rates, drop the image where u < p_i, the text where "
              "p_i ≤ u < p_i + p_t, both where p_i + p_t ≤ u < p_i + p_t + p_b; set b[\"caption\"] (self.data.empty where "
-             "the text is dropped, else self.data.caption_index[b[\"index\"]]) and b[\"keep_image\"] (0.0 where the "
+             "the text is dropped, else the caption row already in b[\"caption\"]) and b[\"keep_image\"] (0.0 where the "
              "image is dropped, else 1.0); return b.",
         teaches="why the adapter is trained with the image, the text or both left out now and then (5% each in the "
                 "paper): classifier-free guidance (assignment 7) needs an unconditional prediction for each at sampling time",
         hints=("One uniform number per sample decides, so the three cases never overlap: compare u with the running sums.",
-               "`torch.where(drop_text, self.data.empty, self.data.caption_index[b[\"index\"]])` picks the caption row.",
+               "`torch.where(drop_text, self.data.empty, b[\"caption\"])` empties the dropped rows and keeps the others.",
                "A dropped image is a zero embedding later (`forward` multiplies by keep_image), so keep_image is float."),
         tests=("tests/test_train.py::test_keep_image_is_a_float_one_or_zero",
                "tests/test_train.py::test_condition_dropping_follows_the_running_sums_of_the_rates",
                "tests/test_train.py::test_condition_dropping_rates"),
         points=10, prerequisites=(2, 7, 12), minutes=25,
-        goal="decide which condition each training sample drops, from one uniform number per sample b[\"u\"]: the image, the text or both, never overlapping, with the rates (p_i, p_t, p_b) = self.rates (the paper's recipe, 5% each). Shapes: set b[\"caption\"] (B,) caption rows (self.data.empty where the text is dropped, else the sample's own) and b[\"keep_image\"] (B,) float (0 where the image is dropped); return b.",
+        goal="decide which condition each training sample drops, from one uniform number per sample b[\"u\"]: the image, the text or both, never overlapping, with the rates (p_i, p_t, p_b) = self.rates (the paper's recipe, 5% each). Shapes: set b[\"caption\"] (B,) caption rows (self.data.empty where the text is dropped, else the sample's own, already in b[\"caption\"]) and b[\"keep_image\"] (B,) float (0 where the image is dropped); return b.",
         weights={"test_condition_dropping_rates": 4},
     ),
     Assignment(
@@ -478,6 +478,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "the_whole_world_trains_and_exports_in_the_real_formats", "exported_world_loads_and_generates_through_load_pipeline",
         "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
         "manifest_mismatch_is_a_clear_error", "unet_batches_mix_phrasings_and_empty_captions",
+        "adapter_batches_show_the_same_phrasings",
         "extra_stages_load_and_evaluate", "a_mis_shaped_ablation_file_is_named",
         "steps_option_trains_a_stage_that_many_steps",
     )),

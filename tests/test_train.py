@@ -223,6 +223,21 @@ def test_unet_batches_mix_phrasings_and_empty_captions(smoke_world):
         UNetTraining(module.unet, data, empty_caption_rate=1.5)
 
 
+def test_adapter_batches_show_the_same_phrasings(smoke_world):
+    """The adapter's stage draws the text as the UNet's does: where it is not dropped, one phrasing of the image's caption."""
+    from minipa.train.world import World
+
+    root, _ = smoke_world
+    world = World(WorldConfig.smoke(), root / "out", root / "work", resume=True, progress=False)
+    module = world._adapter_module("decoupled")
+    b = module.batch(step_generator(0, 0), 40_000)
+    kept = b["caption"] != module.data.empty
+    own = (b["caption"][:, None] == module.data.phrasing_index[b["index"]]).any(dim=1)
+    assert bool(own[kept].all()) and float(kept.float().mean()) == pytest.approx(1 - 0.05 - WorldConfig.smoke().text_drop, abs=0.01)
+    caption_form = b["caption"][kept] == module.data.caption_index[b["index"][kept]]
+    assert float(caption_form.float().mean()) == pytest.approx(float(module.data.phrasing_probs[0]), abs=0.01)
+
+
 @pytest.fixture(scope="module")
 def smoke_world(tmp_path_factory):
     """Every stage of the tiny world, at toy size, 3 steps each (the same code as the real run)."""

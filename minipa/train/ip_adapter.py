@@ -5,6 +5,7 @@ Wk′, Wv′ of every cross-attention layer, initialised from Wk, Wv (`IPAdapter
 AdamW with weight decay 0.01.
 The loss is paper eq. 1 again, now with both conditions: ‖ε − ε_θ(x_t, c_t, c_i, t)‖².
 
+The text is one phrasing of the image's caption, drawn as the UNet's stage draws them (`UNetTraining.own_caption`).
 Conditions are dropped at random, so that both guidance branches exist at inference:
 the image (zero embedding → image_proj(0)), the text (the empty caption), or both.
 The paper drops each 5% of the time. Its captions say little of what the image shows, so the image
@@ -51,12 +52,13 @@ class IPAdapterTraining(UNetTraining):
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         """The shared draw (images, t, ε, u), then which condition each sample drops: image, text, both or none."""
         b = self.draw(generator, size)
+        b["caption"] = self.own_caption(generator, b["index"])  # one phrasing of each image's caption, unless dropped below
         # BEGIN ASSIGNMENT 15
         image_drop, text_drop, both_drop = self.rates
         u = b["u"]
         drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
         drop_text = (u >= image_drop) & (u < image_drop + text_drop + both_drop)
-        b["caption"] = torch.where(drop_text, self.data.empty, self.data.caption_index[b["index"]])
+        b["caption"] = torch.where(drop_text, self.data.empty, b["caption"])
         b["keep_image"] = (~drop_image).float()
         return b
         # END ASSIGNMENT 15

@@ -85,13 +85,18 @@ class UNetTraining(TrainingModule):
             "u": torch.rand(size, generator=generator),  # decides which conditions are dropped
         }
 
+    def own_caption(self, generator: torch.Generator, index: torch.Tensor) -> torch.Tensor:
+        """The row of `text` each image `index` is shown with: one of its phrasings, drawn as often as
+        `phrasing_probs` says (its caption, when the data has no phrasings)."""
+        if self.data.phrasing_index is None:
+            return self.data.caption_index[index]
+        which = torch.multinomial(self.data.phrasing_probs, len(index), replacement=True, generator=generator)
+        return self.data.phrasing_index[index, which]
+
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         """The shared draw; then u < empty rate: the empty caption, else one phrasing of the image's caption."""
         b = self.draw(generator, size)
-        caption = self.data.caption_index[b["index"]]
-        if self.data.phrasing_index is not None:
-            which = torch.multinomial(self.data.phrasing_probs, size, replacement=True, generator=generator)
-            caption = self.data.phrasing_index[b["index"], which]
+        caption = self.own_caption(generator, b["index"])
         b["caption"] = torch.where(b["u"] < self.empty_caption_rate, self.data.empty, caption)
         return b
 
