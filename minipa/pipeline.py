@@ -30,7 +30,7 @@ from minipa.ip_adapter import IPAdapter, attach_ip_adapter, image_features, unco
 from minipa.ip_scale import set_ip_masks, set_ip_scale
 from minipa.loading import (component_folder, load_image_encoder, load_ip_adapter, load_text_encoder, load_tokenizer,
                             load_unet, load_vae)
-from minipa.precision import as_dtype, auto_dtype, channels_last_pays, compile_unet
+from minipa.precision import as_dtype, auto_dtype, channels_last_pays, compile_unet, to_channels_last
 from minipa.preprocess import preprocess_image
 from minipa.schedulers import make_scheduler
 from minipa.tokenizer import CLIPTokenizer
@@ -293,6 +293,9 @@ def load_pipeline(
     if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
         raise ValueError(f"{model}: the UNet takes {pipe.unet.config.in_channels} input channels but the VAE makes "
                          f"{pipe.vae.config.latent_channels}-channel latents; inpainting UNets (9 channels) are not supported")
+    if channels_last_pays(device, load["dtype"]):  # a memory layout only: the math and the parameters are the same
+        for convolutional in (pipe.unet, pipe.vae):
+            to_channels_last(convolutional)
     if ip_adapter is not None:
         pipe.ip_adapter = load_ip_adapter(ip_adapter, pipe.unet, **load)
         attach_ip_adapter(pipe.unet, pipe.ip_adapter)
@@ -304,9 +307,6 @@ def load_pipeline(
         pipe.image_encoder = load_image_encoder(image_encoder, **load)
     if pipe.ip_adapter is not None:
         _check_encoder_fits_adapter(pipe, image_encoder, ip_adapter)
-    if channels_last_pays(device, load["dtype"]):  # a memory layout only: the math and the parameters are the same
-        for convolutional in (pipe.unet, pipe.vae):
-            convolutional.to(memory_format=torch.channels_last)
     if compile:
         compile_unet(pipe.unet, device)
     return pipe

@@ -48,6 +48,16 @@ def channels_last_pays(device: str | torch.device, dtype: torch.dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.bfloat16
 
 
+def to_channels_last(model: torch.nn.Module) -> None:
+    """Store the model's convolution weights channels-last, in place, and every other tensor as a copy of its own.
+    Only moving the 4-d weights would leave the rest in the memory-mapped weights file, which then stays mapped with
+    the pages read for the conversion: measured on SD 1.5 in bf16, 1.1 GiB more peak memory than with full copies."""
+    def layout(t: torch.Tensor) -> torch.memory_format:
+        return torch.channels_last if t.ndim == 4 else torch.contiguous_format
+
+    model.load_state_dict({k: v.clone(memory_format=layout(v)) for k, v in model.state_dict().items()}, assign=True)
+
+
 def compile_unet(unet: torch.nn.Module, device: str | torch.device) -> None:
     """Run the UNet through `torch.compile`, in place (it stays the same module, with the same attributes).
     CPU: inductor's C++ kernels; CUDA: also CUDA graphs (mode="reduce-overhead"), which replay a whole step
