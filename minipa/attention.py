@@ -72,14 +72,14 @@ def attention(
     if not explicit:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
-    # BEGIN ASSIGNMENT 9
+    # BEGIN ASSIGNMENT 10
     d = q.shape[-1]
     scores = q @ k.transpose(-2, -1) / math.sqrt(d)  # QKᵀ/√d: (B, heads, Lq, Lk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # each query's weights over the keys sum to 1
     return weights @ v  # Softmax(QKᵀ/√d)V: (B, heads, Lq, d)
-    # END ASSIGNMENT 9
+    # END ASSIGNMENT 10
 
 
 def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -143,7 +143,34 @@ ASSIGNMENTS = (
         weights={"test_timestep_embedding_matches_diffusers": 3, "test_noise_prediction_matches_diffusers": 5},
     ),
     Assignment(
-        4, "Reading the model's output: x̂0 and ε̂", "minipa/ddpm.py", "x0_and_eps",
+        4, "The training step: ε-prediction", "minipa/train/unet.py", "UNetTraining.denoising_loss",
+        task="with s = self.data.scaling_factor, z = s·(mean + std·ε_z), a fresh sample of q(z|x) with ε_z = "
+             "b[\"latent_noise\"]; x_t = add_noise(z, ε, t, self.alphas_cumprod) with ε = b[\"noise\"] and t = b[\"t\"] "
+             "(paper eq. 1); ε_θ = self.unet(x_t, t, text, image_tokens=image_tokens); return diffusion_loss(ε_θ, ε).",
+        teaches="what one step of Stable Diffusion's training is: the latent of an image noised to a random t, and the "
+                "UNet asked for the noise that was added (paper eq. 1); every sampler undoes exactly this",
+        hints=("`b` holds all of the step's randomness (ε_z, t, ε), drawn from one generator so that a run resumes bit for bit: draw nothing yourself.",
+               "The VAE's latents are multiplied by scaling_factor s before diffusion (and divided by it before decoding): "
+               "s brings them to about unit variance, the scale ε has.",
+               "Two noises: `b[\"latent_noise\"]` is ε_z, for the latent's sample; `b[\"noise\"]` is ε, for x_t, and the loss's target.",
+               "`add_noise` and `diffusion_loss` are assignments 1 and 2; here you call them."),
+        tests=("tests/test_training_step.py::test_the_latent_is_a_fresh_sample_of_the_posterior_not_its_mean",
+               "tests/test_training_step.py::test_the_latent_is_scaled_by_the_vaes_scaling_factor_before_noising",
+               "tests/test_training_step.py::test_x_t_is_noised_with_eps_at_each_samples_own_t",
+               "tests/test_training_step.py::test_the_unet_sees_x_t_its_t_the_caption_and_the_image_tokens",
+               "tests/test_training_step.py::test_the_loss_compares_the_prediction_with_the_noise_that_was_added",
+               "tests/test_training_step.py::test_the_training_step_equals_diffusers"),
+        points=10, prerequisites=(1, 2), minutes=20,
+        goal="the loss of one training step of the UNet (paper §3.1, eq. 1): a fresh sample of each image's latent "
+             "posterior q(z|x), scaled by the VAE's scaling_factor, noised to the batch's t with the batch's ε, the UNet's "
+             "prediction ε_θ(x_t, c, t) (with the image tokens when given), and the ε-loss against the noise that was added; "
+             "b's \"latent_noise\", \"noise\" and \"t\" are the step's randomness. Shapes: mean, std (B, 4, h, w); text "
+             "(B, 77, D); image_tokens None or (B, N, D); b[\"t\"] (B,) → a () float32 loss that backpropagates to the UNet.",
+        # the diagnostic tests each look at one quantity, so that any one mistake passes the other four: diffusers' step outweighs them
+        weights={"test_the_training_step_equals_diffusers": 5},
+    ),
+    Assignment(
+        5, "Reading the model's output: x̂0 and ε̂", "minipa/ddpm.py", "x0_and_eps",
         task="return (x̂0, ε̂) from the model's output at x_t = α·x0 + σ·ε (α = √ᾱ_t, σ = √(1−ᾱ_t)): for \"epsilon\", "
              "x̂0 = (x_t − σ·ε̂)/α (paper eq. 1 solved for x0) and ε̂ the output itself; for \"v_prediction\" "
              "(v = α·ε − σ·x0), x̂0 = α·x_t − σ·v̂ and ε̂ = α·v̂ + σ·x_t.",
@@ -167,7 +194,7 @@ ASSIGNMENTS = (
         weights={"test_x0_and_eps_put_back_together_give_x_t": 2, "test_predicted_x0_equals_diffusers_for_both_kinds_of_prediction": 4},
     ),
     Assignment(
-        5, "The DDPM step", "minipa/ddpm.py", "DDPMScheduler.step",
+        6, "The DDPM step", "minipa/ddpm.py", "DDPMScheduler.step",
         task="with prev_t (computed above; −1 after the last step): ᾱ_t, ᾱ_prev (1 before step 0), α_t = ᾱ_t/ᾱ_prev, "
              "β_t = 1 − α_t; x0 from self._x0_and_eps; return StepOutput(x_prev, x0), x_prev = μ̃ + √β̃_t·z for t > 0 and μ̃ "
              "at t = 0, with μ̃ = √ᾱ_prev·β_t/(1−ᾱ_t)·x0 + √α_t·(1−ᾱ_prev)/(1−ᾱ_t)·x_t and β̃_t = (1−ᾱ_prev)/(1−ᾱ_t)·β_t "
@@ -182,7 +209,7 @@ ASSIGNMENTS = (
                "tests/test_ddpm.py::test_ddpm_last_step_to_t_zero_adds_no_noise",
                "tests/test_ddpm.py::test_ddpm_noise_has_the_sample_dtype",
                "tests/test_ddpm.py::test_ddpm_steps_equal_diffusers"),
-        points=10, prerequisites=(1, 4), minutes=30,
+        points=10, prerequisites=(1, 5), minutes=30,
         goal="one ancestral DDPM step from x_t to prev_t, the next of the inference timesteps (paper §3.1's sampler; DDPM eq. "
              "6–7): the posterior's mean plus its standard deviation times noise drawn from `generator`, over a stretch of "
              "T/n training steps, with no noise at t = 0. Shapes: model_output, x_t (B, C, H, W); t an int of self.timesteps, "
@@ -191,7 +218,7 @@ ASSIGNMENTS = (
                  "test_ddpm_last_step_to_t_zero_adds_no_noise": 2, "test_ddpm_steps_equal_diffusers": 5},
     ),
     Assignment(
-        6, "The DDIM step", "minipa/ddim.py", "DDIMScheduler.step",
+        7, "The DDIM step", "minipa/ddim.py", "DDIMScheduler.step",
         task="return StepOutput(x_prev, x0) with x_prev = √ᾱ_prev·x0 + √(1−ᾱ_prev−σ²)·ε + σ·z and "
              "σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) (DDIM eq. 12 and 16); x0, ε from self._x0_and_eps.",
         teaches="how a fast sampler jumps from t to an earlier timestep, and SD 1.5's conventions for the last step",
@@ -209,14 +236,14 @@ ASSIGNMENTS = (
             "tests/test_ddim.py::test_steps_to_t_zero_and_clipped_samples_equal_diffusers",
             "tests/test_ddim.py::test_full_50_step_loop_equals_diffusers",
         ),
-        points=15, prerequisites=(1, 4), minutes=45,
+        points=15, prerequisites=(1, 5), minutes=45,
         goal="one DDIM step from x_t to the previous of the n inference timesteps, for any η ≥ 0 (paper §3.1's fast sampler; DDIM eq. 12 and 16), with SD 1.5's convention after the last step (set_alpha_to_one). Shapes: model_output, x_t (B, C, H, W); t an int of self.timesteps → StepOutput(prev_sample, pred_original_sample), both (B, C, H, W).",
         # η > 0 (the σ terms) is half of the step: its test outweighs the others, or σ's mistakes would pass at η = 0
         weights={"test_ddim_step_with_eta_has_the_direction_and_noise_terms_of_ddim_eq12": 7, "test_every_step_equals_diffusers": 4,
                  "test_full_50_step_loop_equals_diffusers": 2},
     ),
     Assignment(
-        7, "Classifier-free guidance", "minipa/guidance.py", "classifier_free_guidance",
+        8, "Classifier-free guidance", "minipa/guidance.py", "classifier_free_guidance",
         task="return ε̂ = ε_u + w·(ε_c − ε_u), which is paper eq. 2 ε̂ = w·ε_c + (1−w)·ε_u; for w = 1 return eps_cond itself.",
         teaches="how one model trained with and without its prompt is pushed towards the prompt at sampling time",
         hints=("Both forms are equal; the step form (ε_u + w·Δ) is what diffusers computes, so it matches to the last bit.",
@@ -233,7 +260,7 @@ ASSIGNMENTS = (
         weights={"test_both_forms_of_paper_eq2_agree": 4},
     ),
     Assignment(
-        8, "The sampling loop with guidance", "minipa/pipeline.py", "denoise",
+        9, "The sampling loop with guidance", "minipa/pipeline.py", "denoise",
         task="at this step's t: ε = unet(x, or [x; x] with guidance, t, context, image_tokens=tokens); with guidance "
              "split ε into (ε_u, ε_c), the batch being [unconditional; conditional], and combine them with "
              "classifier_free_guidance (paper eq. 2); then x = scheduler.step(ε̂, t, x, generator=generator, "
@@ -249,7 +276,7 @@ ASSIGNMENTS = (
                "tests/test_sampling_loop.py::test_without_guidance_the_unet_runs_once_on_the_batch",
                "tests/test_sampling_loop.py::test_each_step_starts_from_the_previous_steps_sample",
                "tests/test_sampling_loop.py::test_the_loop_equals_diffusers_on_the_tiny_model"),
-        points=10, prerequisites=(6, 7), minutes=25,
+        points=10, prerequisites=(7, 8), minutes=25,
         goal="one timestep t of the sampling loop (paper §3.1: classifier-free guidance, eq. 2, with a fast sampler): the "
              "unconditional and conditional predictions in one UNet pass when guiding (use_cfg), guided, then the "
              "scheduler's step to x_prev; `tokens` are this step's image tokens. Shapes: x (B, C, h, w); context ([2]B, 77, D); "
@@ -257,7 +284,7 @@ ASSIGNMENTS = (
         weights={"test_the_scheduler_steps_with_the_guided_eps": 2, "test_the_loop_equals_diffusers_on_the_tiny_model": 5},
     ),
     Assignment(
-        9, "Scaled dot-product attention", "minipa/attention.py", "attention (explicit path)",
+        10, "Scaled dot-product attention", "minipa/attention.py", "attention (explicit path)",
         task="return Softmax(QKᵀ/√d)·V over the last two axes (q: (B, heads, Lq, d), k, v: (B, heads, Lk, d)), "
              "with scores set to −inf where the bool mask is False.",
         teaches="the one equation inside every transformer here: the UNet, the VAE's middle, both CLIP towers",
@@ -286,7 +313,7 @@ ASSIGNMENTS = (
                  "test_text_encoder_causal_mask_explicit_and_sdpa_agree": 4},
     ),
     Assignment(
-        10, "The VAE's reparameterised sample", "minipa/vae.py", "DiagonalGaussian.sample",
+        11, "The VAE's reparameterised sample", "minipa/vae.py", "DiagonalGaussian.sample",
         task="return z = μ + σ·ε with ε ~ N(0, I) drawn from `generator`, shaped like self.mean (B, C, h, w) on its device "
              "and dtype; μ = self.mean, σ = self.std = exp(½·logvar).",
         teaches="how the VAE's encoder gives a distribution rather than a point, and why z is written μ + σ·ε: so that "
@@ -308,7 +335,7 @@ ASSIGNMENTS = (
         weights={"test_gradients_reach_the_mean_and_the_log_variance_through_the_sample": 5},
     ),
     Assignment(
-        11, "The BPE merge loop", "minipa/tokenizer.py", "CLIPTokenizer.bpe",
+        12, "The BPE merge loop", "minipa/tokenizer.py", "CLIPTokenizer.bpe",
         task="repeatedly merge, everywhere in `symbols`, the adjacent pair with the lowest rank in self.ranks "
              "(merges.txt order), until one symbol is left or no adjacent pair has a rank.",
         teaches="how CLIP's byte-pair encoding turns a word into vocabulary entries, exactly as SD 1.5's tokenizer does",
@@ -334,7 +361,7 @@ ASSIGNMENTS = (
         weights={"test_ids_and_masks_equal_transformers_on_corpus": 4, "test_unpadded_encode_equals_transformers": 2},
     ),
     Assignment(
-        12, "The image projection", "minipa/ip_adapter.py", "ImageProjection.forward",
+        13, "The image projection", "minipa/ip_adapter.py", "ImageProjection.forward",
         task="image embedding (B, E) → self.proj → (B, N·D) → reshape to (B, N, D) → self.norm: "
              "the N = 4 image tokens c_i of paper §3.2.1 (Linear + LayerNorm).",
         teaches="how one global CLIP image embedding becomes a few tokens the UNet's cross-attention can read",
@@ -352,7 +379,7 @@ ASSIGNMENTS = (
         weights={"test_mlp_projection_equals_diffusers_faceid_projection": 2, "test_image_projection_equals_diffusers": 4},
     ),
     Assignment(
-        13, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",
+        14, "Decoupled cross-attention", "minipa/ip_adapter.py", "decoupled_attention",
         task="return Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′ (paper §3.2.2, with §3.2.3's inference weight λ = scale) using attention(); "
              "λ = 0 must return the text attention alone, exactly.",
         teaches="the IP-Adapter's one idea: a second attention over image tokens that shares the query",
@@ -366,12 +393,12 @@ ASSIGNMENTS = (
             "tests/test_ip_adapter.py::test_the_image_branch_is_added_with_weight_lambda",
             "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]",
         ),
-        points=10, prerequisites=(9, 12), minutes=30,
+        points=10, prerequisites=(10, 13), minutes=30,
         goal="decoupled cross-attention, paper §3.2.2: Z_new = Softmax(QKᵀ/√d)V + Softmax(QK′ᵀ/√d)V′, with §3.2.3's inference weight λ = scale on the image branch; λ = 0 is plain attention exactly. Shapes: q (B, heads, Lq, d); k, v (B, heads, 77, d); k_ip, v_ip (B, heads, N, d) → (B, heads, Lq, d).",
         weights={"test_the_image_branch_is_added_with_weight_lambda": 2, "test_decoupled_attention_layer_equals_diffusers_ip_processor[sdpa]": 4},
     ),
     Assignment(
-        14, "W′ ← W: initialising the image keys and values", "minipa/ip_adapter.py", "IPAdapter.init_from_text_attention",
+        15, "W′ ← W: initialising the image keys and values", "minipa/ip_adapter.py", "IPAdapter.init_from_text_attention",
         task="for every (i, name, attn) of cross_attention_layers(unet), copy attn.to_k.weight into "
              "self.layers[str(i)].to_k_ip.weight and attn.to_v.weight into self.layers[str(i)].to_v_ip.weight "
              "(Wk′ ← Wk, Wv′ ← Wv, paper §3.2.2), in place: copies, not shared tensors.",
@@ -385,7 +412,7 @@ ASSIGNMENTS = (
                "tests/test_ip_adapter.py::test_init_copies_each_layers_wv_into_its_wv_prime",
                "tests/test_ip_adapter.py::test_init_copies_the_weights_and_does_not_share_them",
                "tests/test_ip_adapter.py::test_init_from_text_attention_copies_wk_and_wv"),
-        points=5, prerequisites=(13,), minutes=15,
+        points=5, prerequisites=(14,), minutes=15,
         goal="the paper's initialisation of the new weights (§3.2.2: only Wk′, Wv′ are new, initialised from Wk, Wv): every "
              "cross-attention layer's Wk′, Wv′ start equal to that layer's text Wk, Wv, as the adapter's own trainable copies, "
              "the UNet unchanged. Shapes: per layer, to_k_ip.weight and to_v_ip.weight (inner, D) ← to_k.weight and "
@@ -393,25 +420,25 @@ ASSIGNMENTS = (
         weights={"test_init_copies_the_weights_and_does_not_share_them": 2, "test_init_from_text_attention_copies_wk_and_wv": 4},
     ),
     Assignment(
-        15, "The IP-Adapter training step: dropping conditions", "minipa/train/ip_adapter.py", "IPAdapterTraining.batch",
+        16, "The IP-Adapter training step: dropping conditions", "minipa/train/ip_adapter.py", "IPAdapterTraining.batch",
         task="with u = b[\"u\"] ~ U[0, 1) and (p_i, p_t, p_b) = self.rates, drop the image where u < p_i, the text where "
              "p_i ≤ u < p_i + p_t, both where p_i + p_t ≤ u < p_i + p_t + p_b; set b[\"caption\"] (self.data.empty where "
              "the text is dropped, else the caption row already in b[\"caption\"]) and b[\"keep_image\"] (0.0 where the "
              "image is dropped, else 1.0); return b.",
         teaches="why the adapter is trained with the image, the text or both left out now and then (5% each in the "
-                "paper): classifier-free guidance (assignment 7) needs an unconditional prediction for each at sampling time",
+                "paper): classifier-free guidance (assignment 8) needs an unconditional prediction for each at sampling time",
         hints=("One uniform number per sample decides, so the three cases never overlap: compare u with the running sums.",
                "`torch.where(drop_text, self.data.empty, b[\"caption\"])` empties the dropped rows and keeps the others.",
                "A dropped image is a zero embedding later (`forward` multiplies by keep_image), so keep_image is float."),
         tests=("tests/test_train.py::test_keep_image_is_a_float_one_or_zero",
                "tests/test_train.py::test_condition_dropping_follows_the_running_sums_of_the_rates",
                "tests/test_train.py::test_condition_dropping_rates"),
-        points=10, prerequisites=(2, 7, 12), minutes=25,
+        points=10, prerequisites=(2, 8, 13), minutes=25,
         goal="decide which condition each training sample drops, from one uniform number per sample b[\"u\"]: the image, the text or both, never overlapping, with the rates (p_i, p_t, p_b) = self.rates (the paper's recipe, 5% each). Shapes: set b[\"caption\"] (B,) caption rows (self.data.empty where the text is dropped, else the sample's own, already in b[\"caption\"]) and b[\"keep_image\"] (B,) float (0 where the image is dropped); return b.",
         weights={"test_condition_dropping_rates": 4},
     ),
     Assignment(
-        16, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "renumber_levels",
+        17, "A key-mapping rule: the VAE's levels", "minipa/keymap.py", "renumber_levels",
         task="map encoder.down.{i} ↔ encoder.down_blocks.{i} and decoder.up.{levels−1−i} ↔ decoder.up_blocks.{i} "
              "(LDM numbers the decoder from the bottom), both ways (`to_diffusers`); return other keys unchanged.",
         teaches="how one checkpoint format is read into another by a short rule instead of a 1,000-line dictionary",
@@ -439,8 +466,8 @@ ASSIGNMENTS = (
 
 # Tests that run the code of several regions: graded by no assignment, skipped while any is blank.
 NEEDS_EVERY_ASSIGNMENT = (
-    "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[explicit]",  # 9 and 13
-    "tests/test_ip_adapter.py::test_attach_shares_weights_and_detach_restores_the_unet",  # 12 and 13
+    "tests/test_ip_adapter.py::test_decoupled_attention_layer_equals_diffusers_ip_processor[explicit]",  # 10 and 14
+    "tests/test_ip_adapter.py::test_attach_shares_weights_and_detach_restores_the_unet",  # 13 and 14
     # the end-to-end pipeline: tokenizer, guidance, DDIM/DDPM, IP-Adapter (and LDM keys for single files);
     # the error tests among them reach the tokenizer before what they check
     *(f"tests/test_pipeline.py::test_{name}" for name in (

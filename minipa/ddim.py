@@ -27,7 +27,7 @@ class DDIMScheduler(NoiseSchedule):
         t = self._check_step(t)
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
-        # BEGIN ASSIGNMENT 6
+        # BEGIN ASSIGNMENT 7
         prev_t = self._prev_timestep(t)
         abar_t = self.alphas_cumprod[t]
         # after the last step there is no ᾱ_prev: SD 1.5 uses ᾱ_0 (set_alpha_to_one=False), not 1
@@ -43,4 +43,4 @@ class DDIMScheduler(NoiseSchedule):
         if eta > 0:
             x_prev = x_prev + sigma * _noise_like(model_output, generator)
         return StepOutput(x_prev, x0)
-        # END ASSIGNMENT 6
+        # END ASSIGNMENT 7

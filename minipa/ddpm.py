@@ -163,12 +163,12 @@ class NoiseSchedule:
 def x0_and_eps(model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, prediction_type: str):
     """(x̂0, ε̂) from the model's output at x_t = α·x0 + σ·ε, with α = √ᾱ_t and σ = √(1−ᾱ_t): what every sampler
     steps with (DDIM, DDPM, DPM-Solver++). ε-prediction: the output is ε̂; v-prediction: it is v̂ = α·ε − σ·x0."""
-    # BEGIN ASSIGNMENT 4
+    # BEGIN ASSIGNMENT 5
     if prediction_type == "epsilon":
         return (x_t - sigma * model_output) / alpha, model_output  # paper eq. 1 solved for x0
     # "v_prediction": v = α·ε − σ·x0, so x0 = α·x_t − σ·v and ε = α·v + σ·x_t (using α² + σ² = 1)
     return alpha * x_t - sigma * model_output, alpha * model_output + sigma * x_t
-    # END ASSIGNMENT 4
+    # END ASSIGNMENT 5
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -192,7 +192,7 @@ class DDPMScheduler(NoiseSchedule):
     def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, generator: torch.Generator | None = None) -> StepOutput:
         t = self._check_step(t)
         prev_t = self._prev_timestep(t)
-        # BEGIN ASSIGNMENT 5
+        # BEGIN ASSIGNMENT 6
         abar_t = self.alphas_cumprod[t]
         abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else torch.tensor(1.0)  # ᾱ before step 0 is 1
         alpha_t = abar_t / abar_prev  # the α of this (possibly skipped-over) stretch of steps
@@ -206,4 +206,4 @@ class DDPMScheduler(NoiseSchedule):
             variance = ((1 - abar_prev) / (1 - abar_t) * beta_t).clamp(min=1e-20)
             mean = mean + variance**0.5 * _noise_like(model_output, generator)
         return StepOutput(mean, x0)
-        # END ASSIGNMENT 5
+        # END ASSIGNMENT 6

@@ -22,11 +22,11 @@ import torch
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w: float) -> torch.Tensor:
     """ε̂ = ε_u + w·(ε_c − ε_u)  (paper eq. 2). w = 1 returns ε_c itself, exactly."""
     check_guidance_scale(w)
-    # BEGIN ASSIGNMENT 7
+    # BEGIN ASSIGNMENT 8
     if w == 1:
         return eps_cond  # the pipeline skips the unconditional pass altogether in this case
     return eps_uncond + w * (eps_cond - eps_uncond)
-    # END ASSIGNMENT 7
+    # END ASSIGNMENT 8
 
 
 def check_guidance_scale(w) -> float:

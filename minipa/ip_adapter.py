@@ -38,11 +38,11 @@ class ImageProjection(nn.Module):
         self.norm = nn.LayerNorm(cross_attention_dim)
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        # BEGIN ASSIGNMENT 12
+        # BEGIN ASSIGNMENT 13
         tokens = self.proj(image_embeds)  # (B, N·D)
         tokens = tokens.reshape(*image_embeds.shape[:-1], self.num_tokens, -1)  # (B, N, D)
         return self.norm(tokens)
-        # END ASSIGNMENT 12
+        # END ASSIGNMENT 13
 
 
 class ImageKeyValue(nn.Module):
@@ -56,12 +56,12 @@ class ImageKeyValue(nn.Module):
 
 def decoupled_attention(q, k, v, k_ip, v_ip, scale: float) -> torch.Tensor:
     """Softmax(QKᵀ/√d)V + λ·Softmax(QK′ᵀ/√d)V′   (paper §3.2.2, λ from §3.2.3). All (B, heads, L, d); λ = 0 is plain attention."""
-    # BEGIN ASSIGNMENT 13
+    # BEGIN ASSIGNMENT 14
     text = attention(q, k, v)
     if scale == 0:
         return text  # skip the image branch: λ = 0 is exactly plain SD
     return text + scale * attention(q, k_ip, v_ip)
-    # END ASSIGNMENT 13
+    # END ASSIGNMENT 14
 
 
 class DecoupledCrossAttention(nn.Module):
@@ -152,11 +152,11 @@ class IPAdapter(nn.Module):
     def init_from_text_attention(self, unet: nn.Module) -> None:
         """Wk′ ← Wk, Wv′ ← Wv for every layer (paper §3.2.2): at the start the image branch reads its tokens as the
         text branch reads text, which speeds up training. Copies, not shared tensors: only Wk′, Wv′ train."""
-        # BEGIN ASSIGNMENT 14
+        # BEGIN ASSIGNMENT 15
         for i, _, attn in cross_attention_layers(unet):  # i: the official number of the layer, the key of self.layers
             self.layers[str(i)].to_k_ip.weight.copy_(attn.to_k.weight)  # Wk′ ← Wk
             self.layers[str(i)].to_v_ip.weight.copy_(attn.to_v.weight)  # Wv′ ← Wv
-        # END ASSIGNMENT 14
+        # END ASSIGNMENT 15
 
     @property
     def plus(self) -> bool:

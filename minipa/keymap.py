@@ -243,7 +243,7 @@ def rename_pieces(key: str, pairs) -> str:
 
 def renumber_levels(key: str, levels: int, to_diffusers: bool) -> str:
     """encoder.down.{i} ↔ encoder.down_blocks.{i}, decoder.up.{levels−1−i} ↔ decoder.up_blocks.{i}; other keys as they are."""
-    # BEGIN ASSIGNMENT 16
+    # BEGIN ASSIGNMENT 17
     down, up = ("down", "down_blocks"), ("up", "up_blocks")
     for side, (ldm, ours) in (("encoder", down), ("decoder", up)):
         src, dst = (ldm, ours) if to_diffusers else (ours, ldm)
@@ -253,7 +253,7 @@ def renumber_levels(key: str, levels: int, to_diffusers: bool) -> str:
             level = int(level) if side == "encoder" else levels - 1 - int(level)
             return f"{side}.{dst}.{level}.{rest}"
     return key
-    # END ASSIGNMENT 16
+    # END ASSIGNMENT 17
 
 
 def ldm_vae_names(file_keys, levels: int = 4, prefix: str | None = None) -> tuple[dict[str, str], list[str]]:

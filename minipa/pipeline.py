@@ -236,13 +236,13 @@ def denoise(unet, scheduler: NoiseSchedule, x: torch.Tensor, context: torch.Tens
     steps = len(scheduler.timesteps)
     for i, t in enumerate(tqdm(scheduler.timesteps, desc="minipa", disable=not progress)):
         tokens = image_tokens if image_prompt_active(i, steps, ip_steps) else None
-        # BEGIN ASSIGNMENT 8
+        # BEGIN ASSIGNMENT 9
         eps = unet(torch.cat([x, x]) if use_cfg else x, t, context, image_tokens=tokens)  # ε_θ(x_t, c, t): ([2]B, C, h, w)
         if use_cfg:
             eps_uncond, eps_cond = eps.chunk(2)  # the batch is [unconditional; conditional]
             eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)  # ε̂ = ε_u + w·(ε_c − ε_u)   (paper eq. 2)
         x = scheduler.step(eps, t, x, generator=generator, **step_options).prev_sample  # x_t → x_prev
-        # END ASSIGNMENT 8
+        # END ASSIGNMENT 9
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"the latents became NaN/inf at step {i + 1} of {len(scheduler.timesteps)} (t={int(t)}); "
                                      f"with dtype={x.dtype} try torch.float32, or a lower guidance_scale")

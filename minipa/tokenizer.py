@@ -121,7 +121,7 @@ class CLIPTokenizer:
         if word in self.cache:
             return self.cache[word]
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        # BEGIN ASSIGNMENT 11
+        # BEGIN ASSIGNMENT 12
         while len(symbols) > 1:
             pairs = [(symbols[k], symbols[k + 1]) for k in range(len(symbols) - 1)]
             best = min(pairs, key=lambda p: self.ranks.get(p, float("inf")))
@@ -136,7 +136,7 @@ class CLIPTokenizer:
                     merged.append(symbols[k])
                     k += 1
             symbols = merged
-        # END ASSIGNMENT 11
+        # END ASSIGNMENT 12
         self.cache[word] = symbols
         return symbols
 

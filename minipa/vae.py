@@ -69,10 +69,10 @@ class DiagonalGaussian:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = mean + std·ε, ε ~ N(0, I) drawn from `generator` (same draw as diffusers for the same seed): the
         reparameterisation trick, so that gradients reach the encoder's mean and log-variance through z."""
-        # BEGIN ASSIGNMENT 10
+        # BEGIN ASSIGNMENT 11
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)  # ε (B, C, h, w)
         return self.mean + self.std * noise  # z = μ + σ·ε, σ = exp(½·logvar)
-        # END ASSIGNMENT 10
+        # END ASSIGNMENT 11
 
     def mode(self) -> torch.Tensor:
         return self.mean

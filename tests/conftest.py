@@ -309,3 +309,38 @@ def lend_timestep_embedding(monkeypatch):
     import minipa.unet
 
     monkeypatch.setattr(minipa.unet, "timestep_embedding", timestep_embedding_of_the_tests)
+
+
+def add_noise_of_the_tests(x0, noise, t, alphas_cumprod):
+    """minipa.ddpm.add_noise (a course assignment), paper eq. 1 written here once more."""
+    abar = alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device)].to(x0.dtype)
+    abar = abar.reshape(-1, *([1] * (x0.ndim - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def diffusion_loss_of_the_tests(prediction, target):
+    """minipa.ddpm.diffusion_loss (a course assignment), as F.mse_loss in float32."""
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+@pytest.fixture
+def lend_add_noise_and_loss(monkeypatch):
+    """The training step's tests lend it the tests' own forward process and loss, so that they grade the step alone
+    (add_noise and diffusion_loss are assignments of their own), and see what the step called them with: the returned
+    dict's "add_noise" and "loss" lists get one dict of arguments (and the result) per call."""
+    import minipa.train.unet
+
+    calls = {"add_noise": [], "loss": []}
+
+    def add_noise(x0, noise, t, alphas_cumprod):
+        x_t = add_noise_of_the_tests(x0, noise, t, alphas_cumprod)
+        calls["add_noise"].append({"x0": x0, "noise": noise, "t": t, "alphas_cumprod": alphas_cumprod, "x_t": x_t})
+        return x_t
+
+    def diffusion_loss(prediction, target):
+        calls["loss"].append({"prediction": prediction, "target": target})
+        return diffusion_loss_of_the_tests(prediction, target)
+
+    monkeypatch.setattr(minipa.train.unet, "add_noise", add_noise)
+    monkeypatch.setattr(minipa.train.unet, "diffusion_loss", diffusion_loss)
+    return calls

@@ -288,7 +288,7 @@ def test_cli_grades_the_student_copy_and_each_assignment_alone(student, capsys):
     assert summary["points"] == 0 and summary["max_points"] == sum(a.points for a in ASSIGNMENTS) and summary["note"] is None
     for row in summary["assignments"]:
         assert row["passed"] == 0 and all(t["message"].startswith(STUB.format(row["number"])) for t in row["tests"])
-    a = ASSIGNMENTS[3]  # x̂0 and ε̂: among the quickest to grade
+    a = ASSIGNMENTS[4]  # x̂0 and ε̂: among the quickest to grade
     stubbed = put_back(student, a)
     try:
         assert cli(["course", "grade", str(student), "--assignment", str(a.number)]) == 0

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from minipa.ddpm import diffusion_loss
 from minipa.ip_adapter import IPAdapter, attach_ip_adapter
 from minipa.train.unet import DiffusionData, UNetTraining
 from minipa.unet import UNet2DConditionModel
@@ -53,7 +52,7 @@ class IPAdapterTraining(UNetTraining):
         """The shared draw (images, t, ε, u), then which condition each sample drops: image, text, both or none."""
         b = self.draw(generator, size)
         b["caption"] = self.own_caption(generator, b["index"])  # one phrasing of each image's caption, unless dropped below
-        # BEGIN ASSIGNMENT 15
+        # BEGIN ASSIGNMENT 16
         image_drop, text_drop, both_drop = self.rates
         u = b["u"]
         drop_image = (u < image_drop) | ((u >= image_drop + text_drop) & (u < image_drop + text_drop + both_drop))
@@ -61,7 +60,7 @@ class IPAdapterTraining(UNetTraining):
         b["caption"] = torch.where(drop_text, self.data.empty, b["caption"])
         b["keep_image"] = (~drop_image).float()
         return b
-        # END ASSIGNMENT 15
+        # END ASSIGNMENT 16
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         mean, std, text, embeds = self.data.rows(b["index"], b["caption"])  # text (B, 77, D); embeds (B, E) or (B, L, E)
@@ -71,7 +70,5 @@ class IPAdapterTraining(UNetTraining):
         embeds = embeds * keep if uncond is None else torch.where(keep > 0, embeds, uncond.to(embeds.device))
         tokens = self.adapter.image_tokens(embeds)  # (B, N, D)
         if self.variant == "decoupled":
-            eps = self.unet(self.noisy_latents(b, mean, std), b["t"], text, image_tokens=tokens)
-        else:
-            eps = self.unet(self.noisy_latents(b, mean, std), b["t"], torch.cat([text, tokens], dim=1))
-        return diffusion_loss(eps, b["noise"])
+            return self.denoising_loss(b, mean, std, text, image_tokens=tokens)
+        return self.denoising_loss(b, mean, std, torch.cat([text, tokens], dim=1))  # the frozen text K/V read the image tokens

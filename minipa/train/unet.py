@@ -100,12 +100,20 @@ class UNetTraining(TrainingModule):
         b["caption"] = torch.where(b["u"] < self.empty_caption_rate, self.data.empty, caption)
         return b
 
-    def noisy_latents(self, b: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """x_t from the latent posterior (mean, std) of the batch's images: a fresh z, then noise at t."""
-        z = self.data.scaling_factor * (mean + std * b["latent_noise"])  # (B, 4, h, w)
-        return add_noise(z, b["noise"], b["t"], self.alphas_cumprod)  # x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε   (paper eq. 1)
-
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         mean, std, text, _ = self.data.rows(b["index"], b["caption"])
-        eps = self.unet(self.noisy_latents(b, mean, std), b["t"], text)
+        return self.denoising_loss(b, mean, std, text)
+
+    def denoising_loss(self, b: dict[str, torch.Tensor], mean: torch.Tensor, std: torch.Tensor, text: torch.Tensor,
+                       image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One training step's loss, paper eq. 1: a fresh latent z of each image, noised to x_t at the batch's t with
+        the batch's ε, the UNet's ε_θ(x_t, c, t), and ‖ε − ε_θ‖². mean, std: the latent posterior q(z|x) of the batch's
+        images (B, 4, h, w), unscaled; text: the caption tokens c (B, 77, D); image_tokens: the IP-Adapter's (B, N, D)
+        or None (the adapter's stage calls this too). b holds the step's draw: "latent_noise" ε_z and "noise" ε
+        (B, 4, h, w), "t" (B,)."""
+        # BEGIN ASSIGNMENT 4
+        z = self.data.scaling_factor * (mean + std * b["latent_noise"])  # z = s·(μ + σ·ε_z): a fresh sample of q(z|x)
+        x_t = add_noise(z, b["noise"], b["t"], self.alphas_cumprod)  # x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε   (paper eq. 1)
+        eps = self.unet(x_t, b["t"], text, image_tokens=image_tokens)  # ε_θ(x_t, c, t)
         return diffusion_loss(eps, b["noise"])  # ‖ε − ε_θ(x_t, c, t)‖²   (paper eq. 1)
+        # END ASSIGNMENT 4
