@@ -125,8 +125,8 @@ def _add_train_and_eval(commands) -> None:
     train.add_argument("--steps", metavar="STAGE=N[,…]", help="other step counts for some stages, e.g. unet=5000 "
                        "(weights/README.md: what more UNet training did to the held-out combinations)")
     train.add_argument("--preset", choices=("tiny", "gpu", "smoke"), default="tiny",
-                       help="tiny: what ships (≤ 100 minutes on 2 CPU cores); gpu: 4× the UNet's and the adapter's steps, "
-                       "for --device cuda; smoke: seconds, for tests")
+                       help="tiny: the tiny world's recipe (budgeted at 100 minutes on 2 CPU cores); gpu: 4× the UNet's "
+                       "and the adapter's steps, for --device cuda; smoke: seconds, for tests")
     train.add_argument("--device", default="cpu", help="where the stages train: cpu (default) or cuda (under torchrun, each "
                        "process its own GPU)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -56,7 +56,8 @@ EVAL_FILE = "eval.safetensors"  # CLIP's text projection and the evaluation clas
 
 @dataclass
 class WorldConfig:
-    """Every size and budget of the tiny world. `tiny()` is what ships; `smoke()` is for tests."""
+    """Every size and budget of the tiny world. `tiny()` is the recipe `minipa train` runs (weights/README.md says
+    which recipe made the shipped files); `gpu()` gives it more samples; `smoke()` is for tests."""
 
     seed: int = 0
     train_images: int = 10_000
