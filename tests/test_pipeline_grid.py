@@ -131,11 +131,14 @@ def test_plus_with_two_image_prompts_and_a_batch_equals_diffusers(tiny_world):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_equals_diffusers_in_the_same_dtype(tiny_world, dtype):
+def test_half_precision_equals_diffusers_in_the_same_dtype(tiny_world, dtype, monkeypatch):
     """Each library is ~1e-2 away from its own float32 image in half precision; the two libraries, running the same
-    operations in the same order, agree far more closely than that, so `dtype` must really reach every component."""
+    operations in the same order, agree far more closely than that, so `dtype` must really reach every component.
+    minipa's channels-last layout for bf16 on the CPU sums in another order (its own test: tests/test_precision.py), so
+    it is switched off here to compare the same operations."""
     from diffusers import StableDiffusionPipeline
 
+    monkeypatch.setattr(minipa.pipeline, "channels_last_pays", lambda device, dtype: False)
     ours = minipa.load_pipeline(tiny_world["model"], dtype=dtype)
     assert {p.dtype for part in (ours.unet, ours.vae, ours.text_encoder) for p in part.parameters()} == {dtype}
     theirs = StableDiffusionPipeline.from_pretrained(tiny_world["model"], safety_checker=None, requires_safety_checker=False,
