@@ -120,6 +120,17 @@ def test_phrasings_say_the_caption_in_other_words():
         phrase("star", "red", "blue", "small", omit=("position",))
 
 
+def test_whole_phrasings_name_every_attribute_in_each_training_order():
+    """CLIP's phrasings (`Phrasings.whole`): the same strings, drawn only where nothing is left out, every
+    template in its share."""
+    phrasings = Phrasings.of(ShapesDataset("train", 20).scenes())
+    whole = phrasings.whole()
+    drawn = whole.index[:, whole.probs > 0]  # (N, templates): the rows CLIP can draw
+    assert drawn.shape[1] == len(TEMPLATES) and (phrasings.attributes[drawn] >= 0).all()
+    assert torch.allclose(whole.probs[whole.probs > 0], torch.tensor([t.share for t in TEMPLATES.values()]))
+    assert whole.texts == phrasings.texts and (phrasings.probs > 0).sum() == len(TEMPLATES) * len(OMISSIONS)
+
+
 def test_held_out_templates_are_new_orders_of_known_words():
     """Held-out phrasings measure new word orders, not new words: every word is one training uses."""
     trained = {phrase(*combo, size, t, omit) for combo in all_combos() for size in SIZES for t in TEMPLATES.values() for omit in OMISSIONS}

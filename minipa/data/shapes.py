@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -271,6 +271,13 @@ class Phrasings:
         probs = (shares[:, None] / shares.sum() * torch.tensor(list(OMISSIONS.values()))[None, :]).flatten()  # template-major, as kinds
         return cls(list(rows), torch.tensor(attributes), torch.tensor([by_combo[(s.shape, s.colour, s.background, s.size)]
                                                                        for s in scenes]), probs)
+
+
+    def whole(self) -> "Phrasings":
+        """The same phrasings, drawn only among those that name every attribute (other word orders)."""
+        kinds = [omit == () for _ in range(len(self.probs) // len(OMISSIONS)) for omit in OMISSIONS]
+        probs = self.probs * torch.tensor(kinds)
+        return replace(self, probs=probs / probs.sum())
 
 
 def attribute_labels(scene: "Scene") -> dict[str, int]:

@@ -246,8 +246,9 @@ class World:
         return self._finish("clip_shapes", result, metrics)
 
     def _phrasings(self, tokenizer) -> dict:
-        """What CLIPTraining needs to show each image phrasings of its caption, as the UNet sees them."""
-        phrasings = self.train_set["phrasings"]
+        """What CLIPTraining needs to show each image other word orders of its caption (every attribute named:
+        see minipa/train/clip.py for why the phrasings that leave some out are the UNet's alone)."""
+        phrasings = self.train_set["phrasings"].whole()
         return {"phrasings": phrasings, "phrasing_ids": tokenizer(phrasings.texts)}
 
     def _export_clip(self, stage: str, module: CLIPTraining) -> None:
