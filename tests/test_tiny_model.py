@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import minipa.pipeline as pipeline_module
-from minipa.data.shapes import COLOURS, SHAPES, ShapesDataset
+from minipa.data.shapes import BACKGROUNDS, COLOURS, SHAPES, ShapesDataset
 from minipa.pipeline import TINY_MODEL, load_pipeline
 from minipa.weights import Checkpoint, WeightsError, verify_manifest
 
@@ -46,12 +46,13 @@ def test_text_prompt_generates_the_requested_shape_and_colours(pipe):
     from minipa.train.world import EVAL_FILE
 
     judge = Judge(pipe, TINY_MODEL / EVAL_FILE)
-    prompt = "a large red circle on a blue background"
+    prompt = "a red circle on a blue background"  # the README's quick start: no size, as people type it
     images = pipe([prompt] * 4, num_steps=25, guidance_scale=5.0, seed=0, output="np", progress=False)
     pixels = torch.from_numpy((images * 255).round()).to(torch.uint8)  # (4, 64, 64, 3)
     predicted = classify(judge.classifier, pixels)
     assert sum(SHAPES[int(s)] == "circle" for s in predicted["shape"]) >= 3
     assert sum(list(COLOURS)[int(c)] == "red" for c in predicted["colour"]) >= 3
+    assert sum(BACKGROUNDS[int(b)] == "blue" for b in predicted["background"]) >= 3
 
 
 def test_image_prompt_generates(pipe):
