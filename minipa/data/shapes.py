@@ -272,11 +272,10 @@ class Phrasings:
         return cls(list(rows), torch.tensor(attributes), torch.tensor([by_combo[(s.shape, s.colour, s.background, s.size)]
                                                                        for s in scenes]), probs)
 
-
     def whole(self) -> "Phrasings":
-        """The same phrasings, drawn only among those that name every attribute (other word orders)."""
-        kinds = [omit == () for _ in range(len(self.probs) // len(OMISSIONS)) for omit in OMISSIONS]
-        probs = self.probs * torch.tensor(kinds)
+        """The same phrasings, drawn only among the kinds that name every attribute (other word orders)."""
+        names_all = (self.attributes[self.index] >= 0).all(dim=-1).all(dim=0)  # (K,): no −1 for any scene
+        probs = self.probs * names_all
         return replace(self, probs=probs / probs.sum())
 
 
