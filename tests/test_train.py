@@ -224,12 +224,14 @@ def test_unet_batches_mix_phrasings_and_empty_captions(smoke_world):
 
 
 def test_clip_stages_show_only_phrasings_that_name_every_attribute(smoke_world):
-    """CLIP's phrasings leave nothing out (with omissions the towers lost the shapes: weights/HISTORY.md); the
-    UNet's data keeps them."""
+    """CLIP's phrasings, where it is shown any, leave nothing out (with omissions the towers lost the shapes:
+    weights/HISTORY.md); by default it is shown none. The UNet's data keeps them all."""
     from minipa.train.world import World
 
     root, _ = smoke_world
     world = World(WorldConfig.smoke(), root / "out", root / "work", resume=True, progress=False)
+    assert world._phrasings(None) == {}
+    world.config = dataclasses.replace(world.config, clip_phrasings=True)
     shown = world._phrasings(lambda texts: torch.zeros(len(texts), 77, dtype=torch.long))["phrasings"]  # ids unused here
     drawn = shown.index[:, shown.probs > 0]
     assert (shown.attributes[drawn] >= 0).all() and (shown.attributes < 0).any()  # the strings are all there, undrawn

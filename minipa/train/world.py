@@ -78,13 +78,14 @@ class WorldConfig:
     ip_mlp: int | None = None  # None: the paper's Linear image_proj; m: an MLP with a hidden layer m·E wide (FaceID's layout)
     ip_plus_tokens: int = 16  # IP-Adapter Plus (the `ip_plus` experiment): the official 16 Resampler queries
     text_drop: float = 0.45  # see minipa/train/ip_adapter.py: the paper's 0.05 starves the adapter here
+    clip_phrasings: bool = False  # CLIP phases 1–2 shown other word orders too (they cost the towers shapes: weights/HISTORY.md)
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
     vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=5e-4, warmup=20))
-    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=4500, batch_size=64, lr=1e-3, ema=0.995))
-    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=64, lr=2e-3, weight_decay=0.01))
+    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=9000, batch_size=64, lr=1e-3, ema=0.995))
+    ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=2e-3, weight_decay=0.01))
     classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3))
 
     @classmethod
@@ -246,8 +247,11 @@ class World:
         return self._finish("clip_shapes", result, metrics)
 
     def _phrasings(self, tokenizer) -> dict:
-        """What CLIPTraining needs to show each image other word orders of its caption (every attribute named:
-        see minipa/train/clip.py for why the phrasings that leave some out are the UNet's alone)."""
+        """What CLIPTraining needs to show each image other word orders of its caption, with `clip_phrasings`
+        (every attribute named: see minipa/train/clip.py for why the phrasings that leave some out are the UNet's
+        alone); by default CLIP learns from the captions and only the UNet and the adapter see phrasings."""
+        if not self.config.clip_phrasings:
+            return {}
         phrasings = self.train_set["phrasings"].whole()
         return {"phrasings": phrasings, "phrasing_ids": tokenizer(phrasings.texts)}
 
