@@ -123,7 +123,7 @@ def _add_train_and_eval(commands) -> None:
     train.add_argument("--stages", default="all", help="comma-separated subset of clip,clip_image,clip_shapes,vae,vae_refine,unet,ip,classifier, or the extras ablation, ip_plus (default: all but the extras)")
     train.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one bit for bit")
     train.add_argument("--steps", metavar="STAGE=N[,…]", help="other step counts for some stages, e.g. unet=5000 "
-                       "(weights/README.md: what more UNet training did to the held-out combinations)")
+                       "(weights/HISTORY.md: what more UNet training did to the held-out combinations)")
     train.add_argument("--preset", choices=("tiny", "gpu", "smoke"), default="tiny",
                        help="tiny: the tiny world's recipe (budgeted at 100 minutes on 2 CPU cores); gpu: 4× the UNet's "
                        "and the adapter's steps, for --device cuda; smoke: seconds, for tests")

@@ -46,7 +46,7 @@ def test_text_prompt_generates_the_requested_shape_and_colours(pipe):
     from minipa.train.world import EVAL_FILE
 
     judge = Judge(pipe, TINY_MODEL / EVAL_FILE)
-    prompt = "a large red circle on a blue background"  # the caption form, what the shipped model (recipe v8) trained on
+    prompt = "a red circle on a blue background"  # what people type: the size left out (the README's quick start)
     images = pipe([prompt] * 4, num_steps=25, guidance_scale=5.0, seed=0, output="np", progress=False)
     pixels = torch.from_numpy((images * 255).round()).to(torch.uint8)  # (4, 64, 64, 3)
     predicted = classify(judge.classifier, pixels)

@@ -23,13 +23,13 @@ the shape apart from the colours; the text tower that the UNet reads is what pha
 Captions are encoded only up to the longest one's <|endoftext|>: the text tower is causal, so the
 states there do not depend on the padding after it (the same numbers, a fraction of the work).
 
-Captions come in other words too (`Phrasings` in data/shapes.py): in phases 1 and 2 each image is also shown
-one other word order of its caption per step, drawn as the UNet draws them ("small red star, blue background",
-"a blue background with a small red star"); in phase 2 the batch's phrasings join the C captions as candidates.
-The text tower thus maps the word orders the UNet will read to the same images. Phrasings that leave attributes
-out ("on a blue background") are the UNet's alone: one fits every image whose attributes it names, the target
-spreads over all of those, and with them here the towers stopped telling the shapes apart (weights/HISTORY.md,
-recipe v9's first run: phase 2's image→caption top-1 70.7%, every miss a wrong shape).
+Captions come in other words too (`Phrasings` in data/shapes.py), but the tiny world's recipe shows CLIP the
+captions alone: the phrasings are the UNet's and the adapter's. With `phrasings` (WorldConfig.clip_phrasings)
+each image is also shown one other word order of its caption per step in phases 1 and 2 ("small red star, blue
+background", "a blue background with a small red star"), and in phase 2 the batch's phrasings join the C
+captions as candidates. That cost the image tower shapes, and every image-prompt row followed (weights/HISTORY.md,
+recipe v9); phrasings that leave attributes out ("on a blue background") cost more: one fits every image whose
+attributes it names, the target spreads over all of those (v9's first run: phase 2's top-1 70.7%).
 
 What the image embedding learns is what the captions say (shape, colour, background, size), and
 nothing else: this is the global embedding IP-Adapter reads (paper §3.2.1).
@@ -142,7 +142,7 @@ class ShapeTraining(CLIPTraining):
     """Phase 3 (stage "clip_shapes"): the image tower alone learns the shape apart from the colours.
 
     After phase 2 the image embedding holds the shape only together with the colour pair it was seen in:
-    a linear map reads the shape of held-out combinations at chance (weights/README.md). Here the text
+    a linear map reads the shape of held-out combinations at chance (weights/HISTORY.md). Here the text
     tower, its projection and τ are frozen, and each batch is the phase-2 loss (each image against every
     caption) plus a share of other images shown with their RGB channels shuffled (the judge's trick,
     `train/classifier.py`) against 8 learned (shape, size) prototypes; those images' colours are no guide to
