@@ -223,6 +223,32 @@ def test_unet_batches_mix_phrasings_and_empty_captions(smoke_world):
         UNetTraining(module.unet, data, empty_caption_rate=1.5)
 
 
+def test_unet_curriculum_shows_the_caption_form_first(smoke_world):
+    """With `caption_steps`, the steps before it draw each image's caption alone; from it on, its phrasings."""
+    from minipa.train.trainer import fit
+    from minipa.train.unet import UNetTraining
+    from minipa.train.world import World
+
+    root, _ = smoke_world
+    world = World(WorldConfig.smoke(), root / "out", root / "work", resume=True, progress=False)
+    data = world.diffusion_data()
+    module = UNetTraining(UNet2DConditionModel(WorldConfig.smoke().unet), data, caption_steps=2)
+    seen = []
+    module.forward = lambda b: seen.append(b["caption"].clone()) or module.unet.conv_in.weight.sum() * 0
+    fit(module, dataclasses.replace(WorldConfig.smoke().unet_schedule, steps=4, batch_size=4096), root / "curriculum.pt",
+        name="curriculum", progress=False)
+    for step, caption in enumerate(seen):
+        index = module.batch(step_generator(WorldConfig.smoke().unet_schedule.seed, step), 4096)["index"]
+        spoken = caption != data.empty
+        caption_form = float((caption == data.caption_index[index])[spoken].float().mean())
+        if step < 2:
+            assert caption_form == 1.0, f"step {step} is before caption_steps = 2: only captions, found {caption_form:.1%}"
+        else:
+            assert caption_form == pytest.approx(float(data.phrasing_probs[0]), abs=0.03), f"step {step}: the phrasings"
+    with pytest.raises(ValueError, match="caption_steps must be"):
+        UNetTraining(module.unet, data, caption_steps=-1)
+
+
 def test_clip_stages_show_only_phrasings_that_name_every_attribute(smoke_world):
     """CLIP's phrasings, where it is shown any, leave nothing out (with omissions the towers lost the shapes:
     weights/HISTORY.md); by default it is shown none. The UNet's data keeps them all."""

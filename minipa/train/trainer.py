@@ -111,6 +111,10 @@ class TrainingModule(nn.Module):
         for name, part in owners.items():
             self.add_module(name, part)
 
+    def at_step(self, step: int) -> None:
+        """Told which step comes next, before its batch is drawn: a stage whose data change as it trains
+        (a curriculum) overrides this; the batch stays a function of (seed, step), so resuming sees the same data."""
+
     def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -306,6 +310,7 @@ def _train_step(model: nn.Module, module: TrainingModule, run: _Run, schedule: S
                 process: tuple[int, int], device: torch.device) -> torch.Tensor:
     """One optimizer step on this process's slice of step `step`'s global batch, in `compute.accumulation`
     micro-batches whose gradients add up; returns the slice's loss."""
+    module.at_step(step)
     batch = local_slice(module.batch(step_generator(schedule.seed, step), schedule.batch_size), *process)
     for group in run.optimizer.param_groups:
         group["lr"] = schedule.lr_at(step)

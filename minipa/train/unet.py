@@ -10,6 +10,8 @@ c is the text tokens of one phrasing of the caption (`Phrasings`: another word o
 left out, "red star, blue background"), so that a prompt need not be in the caption form, and a prompt
 may leave part of the image to an image prompt ("on a blue background"); 10% of the time it is the
 empty caption's, so that the same network also predicts ε_θ(x_t, t) for classifier-free guidance (paper eq. 2).
+With `caption_steps`, the first steps show the caption form alone (a curriculum: the UNet learns to compose
+shape, colour and background from one wording first, then the other wordings).
 The VAE and the text encoder are frozen: their outputs are computed once, before training
 (`DiffusionData`), which is most of what makes this stage affordable on a CPU.
 """
@@ -64,13 +66,18 @@ class DiffusionData:
 
 class UNetTraining(TrainingModule):
     def __init__(self, unet: UNet2DConditionModel, data: DiffusionData, empty_caption_rate: float = EMPTY_CAPTION_RATE,
-                 **owners: nn.Module):
-        """`owners`: modules registered before the UNet, that own parameters it shares (see `TrainingModule`)."""
+                 caption_steps: int = 0, **owners: nn.Module):
+        """`caption_steps`: how many steps show each image its caption alone, before its phrasings are drawn.
+        `owners`: modules registered before the UNet, that own parameters it shares (see `TrainingModule`)."""
         super().__init__(**owners)
         if not 0 <= empty_caption_rate <= 1:
             raise ValueError(f"empty_caption_rate must be in [0, 1], got {empty_caption_rate}")
+        if type(caption_steps) is not int or caption_steps < 0:
+            raise ValueError(f"caption_steps must be a whole number ≥ 0, got {caption_steps!r}")
         self.unet, self.data = unet, data
         self.empty_caption_rate = empty_caption_rate
+        self.caption_steps = caption_steps
+        self.captions_only = caption_steps > 0  # until `at_step` says step `caption_steps` has come
         self.alphas_cumprod = NoiseSchedule().alphas_cumprod  # SD 1.5's schedule (scaled_linear, T = 1000)
 
     def draw(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
@@ -85,10 +92,13 @@ class UNetTraining(TrainingModule):
             "u": torch.rand(size, generator=generator),  # decides which conditions are dropped
         }
 
+    def at_step(self, step: int) -> None:
+        self.captions_only = step < self.caption_steps
+
     def own_caption(self, generator: torch.Generator, index: torch.Tensor) -> torch.Tensor:
         """The row of `text` each image `index` is shown with: one of its phrasings, drawn as often as
-        `phrasing_probs` says (its caption, when the data has no phrasings)."""
-        if self.data.phrasing_index is None:
+        `phrasing_probs` says (its caption, when the data has no phrasings or in the first `caption_steps`)."""
+        if self.data.phrasing_index is None or self.captions_only:
             return self.data.caption_index[index]
         which = torch.multinomial(self.data.phrasing_probs, len(index), replacement=True, generator=generator)
         return self.data.phrasing_index[index, which]

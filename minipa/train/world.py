@@ -84,7 +84,8 @@ class WorldConfig:
     clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
     vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=5e-4, warmup=20))
-    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=9000, batch_size=64, lr=1e-3, ema=0.995))
+    unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=11_000, batch_size=64, lr=1e-3, ema=0.995))
+    unet_caption_share: float = 0.55  # the UNet's first steps show the caption form alone, then the phrasings (weights/HISTORY.md)
     ip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=64, lr=2e-3, weight_decay=0.01))
     classifier_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=64, lr=2e-3))
 
@@ -368,7 +369,8 @@ class World:
         torch.manual_seed(cfg.seed)
         from minipa.unet import UNet2DConditionModel
 
-        module = UNetTraining(UNet2DConditionModel(cfg.unet), self.diffusion_data())
+        caption_steps = round(cfg.unet_caption_share * cfg.unet_schedule.steps)
+        module = UNetTraining(UNet2DConditionModel(cfg.unet), self.diffusion_data(), caption_steps=caption_steps)
         result = self._fit("unet", module, cfg.unet_schedule)
         if self.rank == 0:
             export.save_component(module.unet, self.out / "unet")
