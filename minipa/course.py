@@ -506,6 +506,7 @@ NEEDS_EVERY_ASSIGNMENT = (
         "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
         "manifest_mismatch_is_a_clear_error", "unet_batches_mix_phrasings_and_empty_captions",
         "adapter_batches_show_the_same_phrasings", "clip_stages_show_only_phrasings_that_name_every_attribute",
+        "unet_curriculum_shows_the_caption_form_first",
         "extra_stages_load_and_evaluate", "a_mis_shaped_ablation_file_is_named",
         "steps_option_trains_a_stage_that_many_steps",
     )),
