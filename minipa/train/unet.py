@@ -77,7 +77,7 @@ class UNetTraining(TrainingModule):
         self.unet, self.data = unet, data
         self.empty_caption_rate = empty_caption_rate
         self.caption_steps = caption_steps
-        self.captions_only = caption_steps > 0  # until `at_step` says step `caption_steps` has come
+        self.step = 0  # the step being drawn, which `fit` tells `at_step`
         self.alphas_cumprod = NoiseSchedule().alphas_cumprod  # SD 1.5's schedule (scaled_linear, T = 1000)
 
     def draw(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
@@ -93,12 +93,12 @@ class UNetTraining(TrainingModule):
         }
 
     def at_step(self, step: int) -> None:
-        self.captions_only = step < self.caption_steps
+        self.step = step
 
     def own_caption(self, generator: torch.Generator, index: torch.Tensor) -> torch.Tensor:
         """The row of `text` each image `index` is shown with: one of its phrasings, drawn as often as
         `phrasing_probs` says (its caption, when the data has no phrasings or in the first `caption_steps`)."""
-        if self.data.phrasing_index is None or self.captions_only:
+        if self.data.phrasing_index is None or self.step < self.caption_steps:
             return self.data.caption_index[index]
         which = torch.multinomial(self.data.phrasing_probs, len(index), replacement=True, generator=generator)
         return self.data.phrasing_index[index, which]
