@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minipa.clip import CLIPTextModel, CLIPVisionModelWithProjection
-from minipa.data.shapes import Phrasings, clip_normalise, clip_resize
+from minipa.data.shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, Phrasings, clip_normalise, clip_resize
 from minipa.train.classifier import CHANNEL_ORDERS, shuffle_channels
 from minipa.train.trainer import TrainingModule, gather
 
@@ -174,6 +174,72 @@ class ShapeTraining(CLIPTraining):
         captions = F.cross_entropy(self.every_caption_logits(u[:B]), batch["captions"])  # the text side is frozen
         shapes = F.cross_entropy(self.scale() * u[B:] @ F.normalize(self.prototypes, dim=-1).T, gather(self.shape_size, other))
         return captions + shapes
+
+
+class WordTraining(TrainingModule):
+    """Phase 4 (stage "clip_words"): the text tower alone learns which words go together, in any word order.
+
+    Phases 1–3 show the text tower the caption form only, and contrast its pooled state: nothing asks the state
+    of "star" to say that the star is red. The UNet then reads colours by position ("the first colour is the
+    shape's"), which is right in the caption form and wrong once the background comes first (weights/HISTORY.md,
+    recipe v13). Here each step draws the training phrasings (`Phrasings`, the UNet's mix) and asks linear heads
+    to read, at the shape's noun, the shape, its colour and size and, at "background", the background's colour
+    (`binding_labels`); plus phase 2's loss (each image against every caption, the image tower frozen and its
+    embeddings computed once), so that the text projection still fits. The image tower does not change.
+    """
+
+    def __init__(self, text_encoder: CLIPTextModel, text_projection: torch.Tensor, logit_scale: torch.Tensor,
+                 image_embeds: torch.Tensor, caption_ids: torch.Tensor, caption_index: torch.Tensor,
+                 phrasings: Phrasings, phrasing_ids: torch.Tensor, labels: torch.Tensor):
+        """image_embeds: (N, P) unit vectors of the training images (the frozen image tower); caption_ids (C, L),
+        caption_index (N,) as in `CLIPTraining`; phrasing_ids (P′, L) and their `labels` (P′, L, 4)."""
+        super().__init__()
+        self.text_encoder = text_encoder
+        width = text_encoder.config.hidden_size
+        self.text_projection = nn.Linear(width, text_projection.shape[0], bias=False)
+        self.logit_scale = nn.Parameter(logit_scale.detach().clone().reshape(()), requires_grad=False)
+        with torch.no_grad():
+            self.text_projection.weight.copy_(text_projection)
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in (len(SHAPES), len(COLOURS), len(BACKGROUNDS), len(SIZES)))
+        longest = labels.shape[1]
+        self.image_embeds, self.caption_index = image_embeds, caption_index
+        self.caption_ids, self.phrasing_ids, self.labels = caption_ids[:, :longest], phrasing_ids[:, :longest], labels
+        self.phrasings = phrasings
+
+    def batch(self, generator: torch.Generator, size: int) -> dict[str, torch.Tensor]:
+        index = torch.randint(len(self.image_embeds), (size,), generator=generator)
+        k = torch.multinomial(self.phrasings.probs, size, replacement=True, generator=generator)
+        return {"index": index, "phrasing": self.phrasings.index[index, k]}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.text_encoder(gather(self.phrasing_ids, batch["phrasing"]))  # (B, L, D)
+        labels = gather(self.labels, batch["phrasing"])  # (B, L, 4), −1 where a token names nothing
+        binding = sum(F.cross_entropy(head(hidden).flatten(0, 1), labels[..., j].flatten(), ignore_index=-1, reduction="sum")
+                      / (labels[..., j] >= 0).sum().clamp(min=1) for j, head in enumerate(self.heads))
+        ids = self.caption_ids.to(hidden.device)
+        text = F.normalize(self.text_projection(self.text_encoder.pool(ids, self.text_encoder(ids))), dim=-1)  # (C, P)
+        u = gather(self.image_embeds, batch["index"])
+        captions = F.cross_entropy(self.logit_scale.exp().clamp(max=100) * u @ text.T, gather(self.caption_index, batch["index"]))
+        return binding + captions
+
+
+def binding_labels(tokenizer, phrasings: Phrasings, length: int) -> torch.Tensor:
+    """(P, length, 4): for each phrasing token, the (shape, colour, background, size) class it carries, −1 elsewhere.
+    The shape's noun (or "shape") carries the shape, its colour and size; "background" carries the background
+    colour, and where a phrasing names no "background" ("a red star on blue") its last colour word does."""
+    ids = tokenizer(phrasings.texts)[:, :length]
+    word = {w: tokenizer.vocab[w + "</w>"] for w in (*SHAPES, "shape", *COLOURS, "background")}
+    labels = torch.full((*ids.shape, 4), -1)
+    shape, colour, background, size = phrasings.attributes.unbind(-1)  # (P,) each, −1 = left out
+    noun = torch.isin(ids, torch.tensor([word[w] for w in (*SHAPES, "shape")]))
+    rows = noun.nonzero()[:, 0]
+    for j, value in ((0, shape), (1, colour), (3, size)):
+        labels[..., j][noun] = value[rows]
+    at = torch.where((ids == word["background"]).any(1), (ids == word["background"]).int().argmax(1),
+                     length - 1 - torch.isin(ids, torch.tensor([word[c] for c in COLOURS])).flip(1).int().argmax(1))
+    named = background >= 0
+    labels[named.nonzero()[:, 0], at[named], 2] = background[named]
+    return labels
 
 
 @torch.no_grad()
