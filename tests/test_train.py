@@ -564,6 +564,69 @@ def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
     assert torch.equal(torch.cat(halves), batch["other"][::2])  # the same shuffled images under torchrun
 
 
+
+def test_binding_labels_put_each_attribute_on_the_word_it_belongs_to():
+    """The `clip_words` targets: the shape's noun carries its shape, colour and size, "background" (or, in "… on
+    blue", the last colour word) the background colour, every other token nothing — in any word order."""
+    from minipa.data.shapes import HELD_OUT_TEMPLATES, TEMPLATES, Phrasings, Scene, tiny_tokenizer
+    from minipa.train.clip import binding_labels
+
+    tokenizer = tiny_tokenizer()
+    phrasings = Phrasings.of([Scene("star", "red", "blue", "small", "plain", 0.5, 0.5)], {**TEMPLATES, **HELD_OUT_TEMPLATES})
+    labels = binding_labels(tokenizer, phrasings, 12)
+    star = (3, 0, -1, 0)  # (shape, colour, background, size): star, red, —, small
+    nothing, blue = (-1, -1, -1, -1), (-1, -1, 2, -1)
+    expected = {
+        "a blue background with a small red star": [nothing, nothing, blue, nothing, nothing, nothing, nothing, star],
+        "on a blue background, a small red star": [nothing, nothing, nothing, blue, nothing, nothing, nothing, nothing, star],
+        "a small red star on blue": [nothing, nothing, nothing, star, nothing, blue],
+        "small red shape on a blue background": [nothing, nothing, (-1, 0, -1, 0), nothing, nothing, nothing, blue],
+        "small star on a blue background": [nothing, (3, -1, -1, 0), nothing, nothing, nothing, blue],
+        "a red star": [nothing, nothing, (3, 0, -1, -1)],
+    }
+    for text, rows in expected.items():
+        got = labels[phrasings.texts.index(text)]
+        assert got[1 : len(rows) + 1].tolist() == [list(r) for r in rows], text  # position 0 is <|startoftext|>
+        assert (got[0] == -1).all() and (got[len(rows) + 1 :] == -1).all(), text
+
+
+def test_clip_phase_four_trains_the_text_tower_on_the_phrasings():
+    """The `clip_words` stage: the text tower, its projection and the heads train (τ stays); the loss is the heads'
+    cross-entropy at the labelled tokens plus phase 2's image-against-every-caption term on the frozen image embeddings."""
+    from minipa.clip import CLIPTextModel
+    from minipa.data.shapes import Phrasings, caption_table, tiny_tokenizer
+    from minipa.train.clip import WordTraining, binding_labels
+
+    config = WorldConfig.smoke()
+    data = ShapesDataset("train", 16)
+    captions, index = caption_table(data.scenes())
+    tokenizer = tiny_tokenizer()
+    phrasings = Phrasings.of(data.scenes())
+    torch.manual_seed(0)
+    text = CLIPTextModel(config.text)
+    projection, scale = torch.randn(16, config.text.hidden_size), torch.tensor(2.5)
+    embeds = torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)
+    labels = binding_labels(tokenizer, phrasings, 12)
+    module = WordTraining(text, projection, scale, embeds, tokenizer(captions), index, phrasings, tokenizer(phrasings.texts), labels)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {f"text_encoder.{n}" for n, _ in text.named_parameters()} | {"text_projection.weight"} | {
+        f"heads.{i}.{w}" for i in range(4) for w in ("weight", "bias")}
+    batch = module.batch(step_generator(0, 0), 8)
+    assert ((phrasings.index[batch["index"]] == batch["phrasing"][:, None]).any(dim=1)).all()  # a phrasing of its own image
+    loss = module(batch)
+    ids = tokenizer(phrasings.texts)[batch["phrasing"], :12]
+    hidden, want = text(ids), labels[batch["phrasing"]]
+    binding = 0
+    for j, head in enumerate(module.heads):
+        at = want[..., j] >= 0
+        binding = binding + torch.nn.functional.cross_entropy(head(hidden[at]), want[..., j][at])
+    caption_ids = tokenizer(captions)
+    v = torch.nn.functional.normalize(text.pool(caption_ids, text(caption_ids)) @ projection.T, dim=-1)
+    contrast = torch.nn.functional.cross_entropy(scale.exp() * embeds[batch["index"]] @ v.T, index[batch["index"]])
+    torch.testing.assert_close(loss, binding + contrast, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert all(module.heads[j].weight.grad.abs().sum() > 0 for j in range(4)) and module.logit_scale.grad is None
+
 def test_gpu_preset_is_the_tiny_recipe_with_more_unet_and_adapter_samples():
     from minipa.train.world import GPU_SAMPLES
 
