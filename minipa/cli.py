@@ -120,7 +120,7 @@ def _add_train_and_eval(commands) -> None:
     )
     train.add_argument("--out", default="weights/tiny", help="where the trained model goes (default weights/tiny)")
     train.add_argument("--work", default="runs/tiny", help="checkpoints, losses and timings (default runs/tiny)")
-    train.add_argument("--stages", default="all", help="comma-separated subset of clip,clip_image,clip_shapes,vae,vae_refine,unet,ip,classifier, or the extras ablation, ip_plus (default: all but the extras)")
+    train.add_argument("--stages", default="all", help="comma-separated subset of clip,clip_image,clip_shapes,clip_words,vae,vae_refine,unet,ip,classifier, or the extras ablation, ip_plus (default: all but the extras)")
     train.add_argument("--resume", action="store_true", help="skip finished stages and continue an interrupted one bit for bit")
     train.add_argument("--steps", metavar="STAGE=N[,…]", help="other step counts for some stages, e.g. unet=5000 "
                        "(weights/HISTORY.md: what more UNet training did to the held-out combinations)")

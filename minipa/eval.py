@@ -179,10 +179,11 @@ def text_to_image_rows(run: Evaluation) -> dict:
 def phrasing_rows(run: Evaluation) -> dict:
     """Text → image on new images of the trained combinations, in words other than the caption form: the caption
     without the size ("a red circle on a blue background", what people type), and the held-out templates (word
-    orders training never shows, half of them without the size too). The caption form itself is
+    orders training never shows, half of them without the size too), also word order by word order
+    ("text_to_image_test_new_phrasings/background_first", …). The caption form itself is
     `text_only_reference_test`, on the same scenes and noise."""
     scenes = ShapesDataset("test", run.n, run.seed + 1).scenes()
-    held_out = list(HELD_OUT_TEMPLATES.values())
+    held_out = list(HELD_OUT_TEMPLATES)
     prompts = {
         "text_to_image_test_without_size": [phrase(s.shape, s.colour, s.background, s.size, omit=("size",)) for s in scenes],
         "text_to_image_test_new_phrasings": [phrase(s.shape, s.colour, s.background, s.size, held_out[i % len(held_out)],
@@ -190,10 +191,14 @@ def phrasing_rows(run: Evaluation) -> dict:
     }
     if run.pipe.ip_adapter is not None:
         set_ip_scale(run.pipe.unet, 0.0)  # λ = 0: plain SD
-    rows = {}
+    rows, labels = {}, scene_labels(scenes)
     for name, texts in prompts.items():
         images = run.generate(run.pipe.encode_prompt(texts))
-        rows[name] = {**run.judge.match(images, scene_labels(scenes)), "clip_t": run.judge.clip_t(images, [s.caption for s in scenes])}
+        rows[name] = {**run.judge.match(images, labels), "clip_t": run.judge.clip_t(images, [s.caption for s in scenes])}
+    for k, template in enumerate(held_out):  # the new phrasings' images (generated last), by word order
+        these = torch.arange(k, len(scenes), len(held_out))
+        if len(these):
+            rows[f"text_to_image_test_new_phrasings/{template}"] = run.judge.match(images[these], {a: v[these] for a, v in labels.items()})
     return rows
 
 

@@ -362,6 +362,9 @@ def test_extra_stages_load_and_evaluate(smoke_world):
         assert 0 <= rows[f"{name}_image_only_heldout"]["all"] <= 1
     for name in ("text_to_image_test_without_size", "text_to_image_test_new_phrasings", "text_only_reference_test"):
         assert 0 <= rows[name]["all"] <= 1
+    by_order = [rows[f"text_to_image_test_new_phrasings/{t}"]["colour"] for t in ("background_first", "with_after")]  # n = 2: one each
+    assert sum(by_order) / 2 == pytest.approx(rows["text_to_image_test_new_phrasings"]["colour"])
+    assert "text_to_image_test_new_phrasings/list_background_first" not in rows
     index, _, first = cross_attention_layers(pipe.unet)[0]
     assert first.to_k_ip is pipe.ip_adapter.layers[str(index)].to_k_ip  # the pipeline's own adapter is back
     assert load_plus_adapter(root / "nowhere", pipe) is None
@@ -626,6 +629,45 @@ def test_clip_phase_four_trains_the_text_tower_on_the_phrasings():
     torch.testing.assert_close(loss, binding + contrast, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert all(module.heads[j].weight.grad.abs().sum() > 0 for j in range(4)) and module.logit_scale.grad is None
+
+
+def test_word_order_check_tells_words_that_bind_from_words_in_their_places():
+    """`word_order_check` at its two extremes. States that hold, at every token, the scene the words describe (the
+    colour just before the noun is the shape's, the one just before "background" or after "on" the background's)
+    read every held-out word order. States that hold only each token's word and its position (a tower that mixes
+    nothing) do not read the orders that name the background first."""
+    from minipa.data.shapes import COLOURS, SHAPES, tiny_tokenizer
+    from minipa.train.clip import word_order_check
+
+    tokenizer = tiny_tokenizer()
+    words = {i: t.removesuffix("</w>") for t, i in tokenizer.vocab.items()}
+
+    def scene(ids: list[int]) -> torch.Tensor:  # one-hot (shape, its colour, background colour), 24 wide
+        w = [words[i] for i in ids]
+        state = torch.zeros(24)
+        for k, word in enumerate(w):
+            before = w[k - 1] if k else ""
+            if word in SHAPES:
+                state[SHAPES.index(word)] = 1
+                if before in COLOURS:
+                    state[4 + list(COLOURS).index(before)] = 1
+            if word in COLOURS and (w[k + 1 : k + 2] == ["background"] or before == "on"):
+                state[9 + list(COLOURS).index(word)] = 1
+        return state
+
+    def binding(texts):
+        ids = tokenizer(texts)
+        return torch.stack([scene(row.tolist()) for row in ids])[:, None, :].expand(-1, ids.shape[1], -1)
+
+    generator = torch.Generator().manual_seed(0)
+    table, places = torch.randn(len(tokenizer.vocab), 24, generator=generator), torch.randn(77, 24, generator=generator)
+
+    def positions(texts):
+        return table[tokenizer(texts)] + places
+
+    bound, placed = word_order_check(binding, steps=300, seeds=1), word_order_check(positions, steps=300, seeds=1)
+    assert min(bound.values()) > 0.95, bound
+    assert max(placed["background_first"], placed["list_background_first"]) < 0.5, placed
 
 def test_gpu_preset_is_the_tiny_recipe_with_more_unet_and_adapter_samples():
     from minipa.train.world import GPU_SAMPLES

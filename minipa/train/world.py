@@ -37,7 +37,7 @@ from minipa.loading import load_image_encoder, load_text_encoder, load_tokenizer
 from minipa.projections import image_projection
 from minipa.train import export
 from minipa.train.classifier import ClassifierTraining, ShapeClassifier, classifier_accuracy
-from minipa.train.clip import CLIPTraining, ShapeTraining, WordTraining, binding_labels, retrieval_accuracy
+from minipa.train.clip import CLIPTraining, ShapeTraining, WordTraining, binding_labels, retrieval_accuracy, word_order_check
 from minipa.train.ip_adapter import IPAdapterTraining
 from minipa.train.trainer import Compute, Schedule, distributed, fit, split_rows
 from minipa.train.unet import DiffusionData, UNetTraining
@@ -266,6 +266,7 @@ class World:
         with torch.no_grad():
             clip.text_projection.weight.copy_(module.text_projection.weight)
         metrics = self._clip_metrics(clip, tokenizer)
+        metrics["reader_new_word_orders"] = word_order_check(lambda texts: clip.text_encoder(tokenizer(texts)))
         self._export_clip("clip_words", clip)
         return self._finish("clip_words", result, metrics)
 
