@@ -292,7 +292,7 @@ def word_order_check(encode, steps: int = 1500, seeds: int = 3) -> dict[str, flo
     combinations in every training phrasing (an attribute left out is not asked for), then reads the same
     combinations in each held-out word order, every attribute named. → {word order: fraction with shape, colour and
     background all right}, the mean of `seeds` readers. A minute's proxy for the UNet's new-phrasing rows: on recipe
-    v12's tower it read 2% and 0% of the two orders that name the background first, where that UNet drew 9% and 6%."""
+    v12's tower it read 3% and 0.2% of the two orders that name the background first, where that UNet drew 9% and 6%."""
     combos = [(s, c, b, z) for s, c, b in all_combos() if (s, c, b) not in held_out_combos() for z in SIZES]
     wanted = torch.tensor([[SHAPES.index(s), list(COLOURS).index(c), BACKGROUNDS.index(b)] for s, c, b, _ in combos])
     asked = {"shape": 0, "colour": 1, "background": 2}

@@ -82,7 +82,7 @@ class WorldConfig:
     clip_schedule: Schedule = field(default_factory=lambda: Schedule(steps=300, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_image_schedule: Schedule = field(default_factory=lambda: Schedule(steps=2000, batch_size=128, lr=2e-3, weight_decay=0.1))
     clip_shapes_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.1))
-    clip_words_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.01))
+    clip_words_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1000, batch_size=128, lr=1e-3, weight_decay=0.01))  # recipe v13 (HISTORY)
     vae_schedule: Schedule = field(default_factory=lambda: Schedule(steps=750, batch_size=16, lr=1e-3))
     vae_refine_schedule: Schedule = field(default_factory=lambda: Schedule(steps=1500, batch_size=16, lr=5e-4, warmup=20))  # at 750 the judge misread 7.6% of test images after the round trip (HISTORY, v12)
     unet_schedule: Schedule = field(default_factory=lambda: Schedule(steps=11_000, batch_size=64, lr=1e-3, ema=0.995))
