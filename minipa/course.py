@@ -501,6 +501,9 @@ NEEDS_EVERY_ASSIGNMENT = (
     "tests/test_train.py::test_clip_phase_two_contrasts_each_image_with_every_caption",  # + the BPE loop
     "tests/test_train.py::test_clip_phrasings_fit_every_image_they_describe",  # + the BPE loop
     "tests/test_train.py::test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies",  # + the BPE loop
+    "tests/test_train.py::test_clip_phase_four_trains_the_text_tower_on_the_phrasings",  # + the BPE loop
+    "tests/test_train.py::test_binding_labels_put_each_attribute_on_the_word_it_belongs_to",  # the BPE loop
+    "tests/test_train.py::test_word_order_check_tells_words_that_bind_from_words_in_their_places",  # the BPE loop
     *(f"tests/test_train.py::test_{name}" for name in (  # these use the smoke world: every stage trained and exported
         "the_whole_world_trains_and_exports_in_the_real_formats", "exported_world_loads_and_generates_through_load_pipeline",
         "exported_world_matches_diffusers_and_transformers", "train_refuses_to_overwrite_a_run_without_resume",
