@@ -576,7 +576,7 @@ def test_binding_labels_put_each_attribute_on_the_word_it_belongs_to():
 
     tokenizer = tiny_tokenizer()
     phrasings = Phrasings.of([Scene("star", "red", "blue", "small", "plain", 0.5, 0.5)], {**TEMPLATES, **HELD_OUT_TEMPLATES})
-    labels = binding_labels(tokenizer, phrasings, 12)
+    labels = binding_labels(tokenizer.vocab, phrasings, tokenizer(phrasings.texts)[:, :12])
     star = (3, 0, -1, 0)  # (shape, colour, background, size): star, red, —, small
     nothing, blue = (-1, -1, -1, -1), (-1, -1, 2, -1)
     expected = {
@@ -609,7 +609,7 @@ def test_clip_phase_four_trains_the_text_tower_on_the_phrasings():
     text = CLIPTextModel(config.text)
     projection, scale = torch.randn(16, config.text.hidden_size), torch.tensor(2.5)
     embeds = torch.nn.functional.normalize(torch.randn(16, 16), dim=-1)
-    labels = binding_labels(tokenizer, phrasings, 12)
+    labels = binding_labels(tokenizer.vocab, phrasings, tokenizer(phrasings.texts)[:, :12])
     module = WordTraining(text, projection, scale, embeds, tokenizer(captions), index, phrasings, tokenizer(phrasings.texts), labels)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {f"text_encoder.{n}" for n, _ in text.named_parameters()} | {"text_projection.weight"} | {

@@ -239,12 +239,13 @@ class WordTraining(TrainingModule):
         return binding + captions
 
 
-def binding_labels(tokenizer, phrasings: Phrasings, length: int) -> torch.Tensor:
-    """(P, length, 4): for each phrasing token, the (shape, colour, background, size) class it carries, −1 elsewhere.
-    The shape's noun (or "shape") carries the shape, its colour and size; "background" carries the background
-    colour, and where a phrasing names no "background" ("a red star on blue") its last colour word does."""
-    ids = tokenizer(phrasings.texts)[:, :length]
-    word = {w: tokenizer.vocab[w + "</w>"] for w in (*SHAPES, "shape", *COLOURS, "background")}
+def binding_labels(vocab: dict[str, int], phrasings: Phrasings, ids: torch.Tensor) -> torch.Tensor:
+    """(P, L, 4): for each token of the phrasings' ids ((P, L), from a tokenizer with this `vocab`), the (shape,
+    colour, background, size) class it carries, −1 elsewhere. The shape's noun (or "shape") carries the shape, its
+    colour and size; "background" carries the background colour, and where a phrasing names no "background" ("a
+    red star on blue") its last colour word does."""
+    length = ids.shape[1]
+    word = {w: vocab[w + "</w>"] for w in (*SHAPES, "shape", *COLOURS, "background")}
     labels = torch.full((*ids.shape, 4), -1)
     shape, colour, background, size = phrasings.attributes.unbind(-1)  # (P,) each, −1 = left out
     noun = torch.isin(ids, torch.tensor([word[w] for w in (*SHAPES, "shape")]))
@@ -295,7 +296,7 @@ def word_order_check(encode, steps: int = 1500, seeds: int = 3) -> dict[str, flo
     v12's tower it read 3% and 0.2% of the two orders that name the background first, where that UNet drew 9% and 6%."""
     combos = [(s, c, b, z) for s, c, b in all_combos() if (s, c, b) not in held_out_combos() for z in SIZES]
     wanted = torch.tensor([[SHAPES.index(s), list(COLOURS).index(c), BACKGROUNDS.index(b)] for s, c, b, _ in combos])
-    asked = {"shape": 0, "colour": 1, "background": 2}
+    asked = ("shape", "colour", "background")
     with torch.no_grad():
         states = torch.cat([encode([phrase(*k, t, omit) for k in combos]) for t in TEMPLATES for omit in OMISSIONS]).float()
         held_out = {t: encode([phrase(*k, t) for k in combos]).float() for t in HELD_OUT_TEMPLATES}

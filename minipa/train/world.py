@@ -259,9 +259,10 @@ class World:
         phrasings = data["phrasings"]
         phrasing_ids = tokenizer(phrasings.texts)
         length = int(clip.text_encoder.end_positions(phrasing_ids).max()) + 1  # the captions are phrasings too
+        labels = binding_labels(tokenizer.vocab, phrasings, phrasing_ids[:, :length])
         torch.manual_seed(cfg.seed)  # the heads' initialisation
         module = WordTraining(clip.text_encoder, clip.text_projection.weight, clip.logit_scale, image_embeds, clip.caption_ids,
-                              data["caption_index"], phrasings, phrasing_ids, binding_labels(tokenizer, phrasings, length))
+                              data["caption_index"], phrasings, phrasing_ids, labels)
         result = self._fit("clip_words", module, cfg.clip_words_schedule)
         with torch.no_grad():
             clip.text_projection.weight.copy_(module.text_projection.weight)
