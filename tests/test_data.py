@@ -110,6 +110,8 @@ def test_phrasings_say_the_caption_in_other_words():
     assert phrase("star", "red", "blue", "small") == "a small red star on a blue background"  # the caption form
     assert phrase("star", "red", "blue", "small", "list", omit=("size",)) == "red star, blue background"
     assert phrase("star", "red", "blue", "small", "with") == "a blue background with a small red star"
+    assert phrase("star", "red", "blue", "small", "on_first", omit=("size",)) == "on blue, a red star"
+    assert phrase("star", "red", "blue", "small", "with_comma") == "a blue background, with a small red star"
     assert phrase("star", "red", "blue", "small", "short", omit=("shape",)) == "a small red shape on blue"
     assert phrase("star", "red", "blue", "small", omit=("shape", "colour", "size")) == "on a blue background"
     assert phrase("star", "red", "blue", "small", "list", omit=("background",)) == "small red star"

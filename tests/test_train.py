@@ -570,7 +570,8 @@ def test_clip_phase_three_trains_the_image_tower_alone_on_shuffled_copies():
 
 def test_binding_labels_put_each_attribute_on_the_word_it_belongs_to():
     """The `clip_words` targets: the shape's noun carries its shape, colour and size, "background" (or, in "… on
-    blue", the last colour word) the background colour, every other token nothing — in any word order."""
+    blue" and "on blue, …", the colour word after "on") the background colour, every other token nothing — in any
+    word order."""
     from minipa.data.shapes import HELD_OUT_TEMPLATES, TEMPLATES, Phrasings, Scene, tiny_tokenizer
     from minipa.train.clip import binding_labels
 
@@ -583,6 +584,8 @@ def test_binding_labels_put_each_attribute_on_the_word_it_belongs_to():
         "a blue background with a small red star": [nothing, nothing, blue, nothing, nothing, nothing, nothing, star],
         "on a blue background, a small red star": [nothing, nothing, nothing, blue, nothing, nothing, nothing, nothing, star],
         "a small red star on blue": [nothing, nothing, nothing, star, nothing, blue],
+        "on blue, a small red star": [nothing, blue, nothing, nothing, nothing, nothing, star],
+        "on blue, a small red shape": [nothing, blue, nothing, nothing, nothing, nothing, (-1, 0, -1, 0)],
         "small red shape on a blue background": [nothing, nothing, (-1, 0, -1, 0), nothing, nothing, nothing, blue],
         "small star on a blue background": [nothing, (3, -1, -1, 0), nothing, nothing, nothing, blue],
         "a red star": [nothing, nothing, (3, 0, -1, -1)],

@@ -243,8 +243,7 @@ def binding_labels(vocab: dict[str, int], phrasings: Phrasings, ids: torch.Tenso
     """(P, L, 4): for each token of the phrasings' ids ((P, L), from a tokenizer with this `vocab`), the (shape,
     colour, background, size) class it carries, −1 elsewhere. The shape's noun (or "shape") carries the shape, its
     colour and size; "background" carries the background colour, and where a phrasing names no "background" ("a
-    red star on blue") its last colour word does."""
-    length = ids.shape[1]
+    red star on blue", "on blue, a red star") the colour word after "on" does."""
     word = {w: vocab[w + "</w>"] for w in (*SHAPES, "shape", *COLOURS, "background")}
     labels = torch.full((*ids.shape, 4), -1)
     shape, colour, background, size = phrasings.attributes.unbind(-1)  # (P,) each, −1 = left out
@@ -252,8 +251,9 @@ def binding_labels(vocab: dict[str, int], phrasings: Phrasings, ids: torch.Tenso
     rows = noun.nonzero()[:, 0]
     for j, value in ((0, shape), (1, colour), (3, size)):
         labels[..., j][noun] = value[rows]
-    at = torch.where((ids == word["background"]).any(1), (ids == word["background"]).int().argmax(1),
-                     length - 1 - torch.isin(ids, torch.tensor([word[c] for c in COLOURS])).flip(1).int().argmax(1))
+    after_on = torch.isin(ids, torch.tensor([word[c] for c in COLOURS])) & (ids.roll(1, dims=1) == vocab["on</w>"])
+    said = ids == word["background"]
+    at = torch.where(said.any(1), said.int().argmax(1), after_on.int().argmax(1))
     named = background >= 0
     labels[named.nonzero()[:, 0], at[named], 2] = background[named]
     return labels
