@@ -125,7 +125,7 @@ def _add_train_and_eval(commands) -> None:
     train.add_argument("--steps", metavar="STAGE=N[,…]", help="other step counts for some stages, e.g. unet=5000 "
                        "(weights/HISTORY.md: what more UNet training did to the held-out combinations)")
     train.add_argument("--preset", choices=("tiny", "gpu", "smoke"), default="tiny",
-                       help="tiny: the tiny world's recipe (budgeted at 100 minutes on 2 CPU cores); gpu: 4× the UNet's "
+                       help="tiny: the tiny world's recipe (75-125 minutes on 2 CPU cores, by the machine's pace); gpu: 4× the UNet's "
                        "and the adapter's steps, for --device cuda; smoke: seconds, for tests")
     train.add_argument("--device", default="cpu", help="where the stages train: cpu (default) or cuda (under torchrun, each "
                        "process its own GPU)")

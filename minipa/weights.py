@@ -218,6 +218,6 @@ def verify_manifest(folder: str | Path, restore_hint: str = "") -> None:
 
 TINY_RESTORE_HINT = (
     "To restore the shipped tiny model: `git checkout -- weights/tiny` (or clone minipa again). "
-    "To retrain it from nothing (under an hour on 2 CPU cores): "
+    "To retrain it from nothing (75-125 minutes on 2 CPU cores; weights/README.md): "
     "`OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m minipa.train --out weights/tiny --work runs/tiny`."
 )
